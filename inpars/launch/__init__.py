@@ -1,0 +1,1 @@
+"""Launchers: the pipeline plan and its executors (local processes, Kubernetes)."""
