@@ -31,16 +31,27 @@ def take_shard(rows: Sequence[T], index: int, count: int) -> list[T]:
 
 
 def shard_index_from_env(default: int | None = None) -> int:
-    """The shard index from ``JOB_COMPLETION_INDEX`` (set by Kubernetes Indexed Jobs)."""
+    """The shard index from ``JOB_COMPLETION_INDEX`` (set by Kubernetes Indexed Jobs).
+
+    A resume Job runs only the missing shards: it has ``completions = len(missing)`` and lists the
+    real shard numbers in ``INPARS_SHARD_INDEXES`` ("3,7,9"), which the completion index picks from.
+    """
     value = os.environ.get("JOB_COMPLETION_INDEX")
     if value is None:
         if default is None:
             raise ConfigError("no shard index given and JOB_COMPLETION_INDEX is not set")
         return default
     try:
-        return int(value)
+        index = int(value)
     except ValueError:
         raise ConfigError(f"JOB_COMPLETION_INDEX={value!r} is not an integer") from None
+    mapping = os.environ.get("INPARS_SHARD_INDEXES")
+    if mapping:
+        indexes = [int(i) for i in mapping.split(",") if i.strip()]
+        if not 0 <= index < len(indexes):
+            raise ConfigError(f"JOB_COMPLETION_INDEX={index} is outside INPARS_SHARD_INDEXES={mapping!r}")
+        return indexes[index]
+    return index
 
 
 def shard_name(index: int, count: int, ext: str) -> str:

@@ -1,0 +1,95 @@
+"""The one small interface every generation backend implements.
+
+A backend turns prompts into queries. Each backend module (transformers, an OpenAI-compatible
+API, vLLM) subclasses :class:`GenerationBackend`; :func:`inpars.backends.get_backend` imports a
+module only when it is asked for, so a missing optional dependency costs nothing until used
+(like ir_measures' providers). ``is_available()`` checks imports only.
+
+Contract for :meth:`GenerationBackend.generate`:
+
+- One :class:`Generation` per prompt, in input order.
+- A query ends at the first newline of the generated *text* (any tokenizer; no hard-coded ids).
+- ``text`` is stripped; ``tokens``/``log_probs`` cover the query tokens only (the stop newline is
+  excluded); every log-prob is finite and <= 0 (normalized: log-softmax of the logits).
+- ``temperature == 0`` means greedy; otherwise sampling with ``top_p`` and ``seed``.
+- ``prefix``: an optional string that every prompt starts with (the few-shot part). Backends may use
+  it to compute the prefix once (KV-cache reuse); results must not depend on it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import GenerateConfig
+
+
+@dataclass
+class Generation:
+    """One generated query and what it cost."""
+
+    text: str  # the query: stripped, cut at the first newline
+    tokens: list[str] = field(default_factory=list)  # the query's tokens (stop newline excluded)
+    log_probs: list[float] = field(default_factory=list)  # one per token in ``tokens``
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated, as billed/computed (may include the stop token)
+    finish_reason: str = "stop"  # "stop" (newline / end of text) | "length" (max_new_tokens reached)
+
+
+class GenerationBackend(abc.ABC):
+    """Base class of the generation backends."""
+
+    name: str = "base"
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: GenerateConfig) -> GenerationBackend:
+        """Build the backend from the generate stage's settings."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the backend's dependencies import (cheap; loads no model)."""
+        return True
+
+    @property
+    @abc.abstractmethod
+    def model_identity(self) -> str:
+        """What rows and the manifest record as the model (alias, HF id, path or API model name)."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        prefix: str | None = None,
+    ) -> list[Generation]:
+        """One :class:`Generation` per prompt, in input order (see the module docstring)."""
+
+    @abc.abstractmethod
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """``text`` cut to at most ``max_tokens`` tokens of this backend's tokenizer."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """The number of tokens ``text`` takes (no special tokens added)."""
+
+    def close(self) -> None:
+        """Release the model / connections. Safe to call twice."""
+
+    def __enter__(self) -> GenerationBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cut_at_newline(text: str) -> tuple[str, bool]:
+    """``(text before the first newline, whether a newline was found)``."""
+    i = text.find("\n")
+    return (text, False) if i < 0 else (text[:i], True)

@@ -1,0 +1,220 @@
+"""``inpars-launch``: run a whole pipeline on local processes or Kubernetes Jobs, and look after it.
+
+Thin: it builds the config, creates the run in the workspace, plans the stages and hands them to an
+executor; ``status``, ``resume``, ``logs`` and ``cancel`` read the workspace (the truth) or the cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ..config import PipelineConfig
+from ..errors import EXIT_PERMANENT, InParsError
+from .plan import plan_pipeline, stage_shards
+
+app = typer.Typer(help="Run InPars pipelines locally or on Kubernetes.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _cli(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InParsError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(EXIT_PERMANENT) from None
+
+    return wrapper
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InParsError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)  # numbers, booleans, null, lists
+    return out
+
+
+def build_config(config: Optional[Path], sets: list[str]) -> PipelineConfig:
+    cfg = PipelineConfig.load(config) if config else PipelineConfig()
+    return cfg.override(_parse_sets(sets)) if sets else cfg
+
+
+def _k8s_executor(namespace: str, image: Optional[str], queue: Optional[str], cfg: PipelineConfig | None = None):
+    from .k8s import K8sExecutor
+
+    return K8sExecutor(namespace=namespace, image=image or (cfg.image if cfg else PipelineConfig().image), queue=queue)
+
+
+@app.command()
+@_cli
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline config (YAML/JSON); default: the embedded SciFact sample demo"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set generate.n_docs=200 (repeatable)"),
+    backend: str = typer.Option("local", help="local (subprocesses) | k8s (Kubernetes Jobs)"),
+    workspace: str = typer.Option("workspace", help="local folder or gs://bucket/prefix"),
+    run_id: Optional[str] = typer.Option(None, help="default: <dataset>-<time>-<random>"),
+    parallel: int = typer.Option(2, help="local backend: shards running at once"),
+    dry_run: bool = typer.Option(False, help="k8s: print the Job manifests and submit nothing"),
+    namespace: str = "inpars",
+    image: Optional[str] = None,
+    queue: Optional[str] = typer.Option(None, help="Kueue LocalQueue name"),
+):
+    """Run every stage of a pipeline, stage after stage, and print the evaluation."""
+    from ..workspace import Run
+
+    cfg = build_config(config, set_)
+    if dry_run:
+        if backend != "k8s":
+            raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
+        from .k8s import render_job
+
+        rid = run_id or f"{cfg.data.name}-dry-run"
+        run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
+        docs = [render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue) for job in plan_pipeline(cfg, run_uri)]
+        typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
+        return
+    run_ = Run.create(workspace, cfg, run_id)
+    console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
+    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+
+
+def _execute(run_, backend: str, *, parallel: int, namespace: str, image: Optional[str], queue: Optional[str]) -> None:
+    jobs = plan_pipeline(run_.config, run_.uri)
+    started = time.monotonic()
+    if backend == "local":
+        from .local import run_jobs
+
+        run_jobs(jobs, max_parallel=parallel, run=run_)
+    elif backend == "k8s":
+        _k8s_executor(namespace, image, queue, run_.config).run_pipeline(jobs, run_)
+    else:
+        raise InParsError(f"unknown backend {backend!r}: local | k8s")
+    print_summary(run_, time.monotonic() - started)
+
+
+def print_summary(run_, seconds: float | None = None) -> None:
+    """BM25 against the trained model, and where every artifact is."""
+    out = Console()
+    if run_.shard_done("evaluate", 0, 1):
+        result = json.loads(run_.read_shard("evaluate", 0, 1, "json"))
+        table = Table(title=f"{run_.config.data.name}: {len(next(iter(result['systems'].values()))['per_query'].get('nDCG@10', {}))} queries")
+        measures = list(next(iter(result["systems"].values()))["aggregate"])
+        table.add_column("system")
+        for m in measures:
+            table.add_column(m, justify="right")
+        for name, res in result["systems"].items():
+            table.add_row(name, *(f"{res['aggregate'][m]:.4f}" for m in measures))
+        out.print(table)
+        for name, b in result.get("bootstrap", {}).items():
+            out.print(f"{name} vs bm25 nDCG@10: {b.get('mean_diff', 0):+.4f} (95% CI {b.get('ci_low', 0):+.4f} .. {b.get('ci_high', 0):+.4f}), "
+                      f"wins/losses/ties {b.get('wins')}/{b.get('losses')}/{b.get('ties')}", highlight=False)
+    out.print(f"\nartifacts under {run_.uri}:")
+    for stage, n in stage_shards(run_.config).items():
+        out.print(f"  {stage:<10} {run_.uri}/{stage}/", highlight=False)
+    if seconds is not None:
+        out.print(f"wall time {seconds:.0f} s")
+
+
+@app.command()
+@_cli
+def status(run: str = typer.Argument(..., help="the run's URI: <workspace>/runs/<run-id>")):
+    """Each stage's shards (done, missing) from the workspace alone."""
+    from ..workspace import Run
+    from .local import stage_table
+
+    run_ = Run.open(run)
+    Console().print(stage_table(run_, plan_pipeline(run_.config, run_.uri)))
+
+
+@app.command()
+@_cli
+def resume(
+    run: str = typer.Argument(..., help="the run's URI"),
+    backend: str = typer.Option("local", help="local | k8s"),
+    parallel: int = 2,
+    namespace: str = "inpars",
+    image: Optional[str] = None,
+    queue: Optional[str] = None,
+):
+    """Continue a run that died: only the shards missing from the workspace run again."""
+    from ..workspace import Run
+
+    _execute(Run.open(run), backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+
+
+@app.command()
+@_cli
+def logs(
+    run: str = typer.Argument(..., help="the run's URI"),
+    stage: str = typer.Argument(...),
+    index: Optional[int] = typer.Option(None, help="one shard's logs"),
+    backend: str = typer.Option("local", help="local (log files) | k8s (pod logs)"),
+    namespace: str = "inpars",
+):
+    """Print a stage's logs (local log files, or the pods' logs on Kubernetes)."""
+    from ..workspace import Run
+
+    run_ = Run.open(run)
+    if backend == "k8s":
+        typer.echo(_k8s_executor(namespace, None, None).logs(run_.run_id, stage, index))
+    else:
+        from .local import read_logs
+
+        typer.echo(read_logs(run_, stage, index))
+
+
+@app.command()
+@_cli
+def cancel(run: str = typer.Argument(..., help="the run's URI or run id"), namespace: str = "inpars"):
+    """Delete a run's Kubernetes Jobs (their pods go with them)."""
+    run_id = run.rstrip("/").rsplit("/", 1)[-1]
+    deleted = _k8s_executor(namespace, None, None).cancel(run_id)
+    typer.echo(f"deleted {len(deleted)} job(s): {', '.join(deleted)}")
+
+
+@app.command()
+@_cli
+def beir(
+    datasets: str = typer.Option("all", help="'all' or a comma-separated list of BEIR names"),
+    corpus_root: Optional[str] = typer.Option(None, help="a mirror of BEIR folders, e.g. gs://bucket/beir (default: ir_datasets)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: list[str] = typer.Option([], "--set"),
+    backend: str = "local",
+    workspace: str = "workspace",
+    max_concurrent: int = typer.Option(2, help="pipelines running at once"),
+    parallel: int = 2,
+    namespace: str = "inpars",
+    image: Optional[str] = None,
+    queue: Optional[str] = None,
+):
+    """Regenerate synthetic data for many BEIR datasets: one pipeline each, a shared limit, one summary."""
+    from ..workspace import Run
+    from .beir import plan_beir, run_many, summary_table
+
+    base = build_config(config, set_)
+    names = "all" if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
+    configs = plan_beir(names, base, corpus_root)
+
+    def start(cfg: PipelineConfig):
+        run_ = Run.create(workspace, cfg)
+        _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+        return run_
+
+    Console().print(summary_table(run_many(configs, start, max_concurrent=max_concurrent)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,436 @@
+"""Scoring (query, document) pairs with a trained reranker, reranking runs, and fusing runs.
+
+Three model families share one :class:`Reranker` interface:
+
+* ``cross-encoder`` — a sequence-classification model with one output (e.g. MiniLM + a head);
+  the score is that logit.
+* ``monot5`` — a T5 seq2seq model reading ``Query: q Document: d Relevant:``; the score is
+  ``log P(true)`` from a softmax over the two relevance tokens at the first decoder step.
+* ``bi-encoder`` — a bare encoder with mean pooling; the score is the cosine of the query and
+  document embeddings (each text is encoded once, however many pairs it appears in).
+
+Speed comes from doing less work, not from approximations: pairs are tokenized once, sorted by
+length so that each batch is padded only to its own longest pair, scored under
+``torch.inference_mode()`` in bf16 where the hardware has it, and put back in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .corpus import Document
+from .errors import ConfigError, InputError
+from .models import resolve_model
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("cross-encoder", "monot5", "bi-encoder")
+METADATA_FILE = "inpars_model.json"  # written by inpars.train next to the HF model files
+T5_MODEL_TYPES = ("t5", "mt5", "umt5", "byt5")
+Run = dict[str, dict[str, float]]
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda[:N]``, ``mps`` or ``tpu``/``xla``.
+
+    TPU goes through torch_xla, imported only when asked for, so CPU and GPU installs never need it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("tpu", "xla"):
+        try:
+            import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("device 'tpu' needs torch_xla (pip install torch_xla[tpu])") from None
+        return xm.xla_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps or tpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA GPUs that support it, TPUs and CPUs with native bf16; else fp32."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ConfigError(f"unknown dtype {name!r} (auto, float32, bfloat16, float16)")
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "xla":
+        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- pair encoding (shared with training)
+
+
+def monot5_input(query: str, document: str) -> str:
+    return f"Query: {query} Document: {document} Relevant:"
+
+
+def relevance_token_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int]:
+    """The ids of the (relevant, non-relevant) target words, looked up in this tokenizer.
+
+    Each word must be exactly one token: the score is read at the first decoder step, so a word split
+    into pieces would be scored by its first piece only (and two words can share that piece).
+    """
+    if len(tokens) != 2:
+        raise ConfigError(f"relevance_tokens needs two words (relevant, non-relevant), got {list(tokens)!r}")
+    ids = []
+    for word in tokens:
+        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            shown = tokenizer.convert_ids_to_tokens(pieces)
+            raise ConfigError(
+                f"relevance token {word!r} is {len(pieces)} tokens {shown!r} for this tokenizer; "
+                "pick words that are single tokens (monoT5: true/false, FLAN-T5: yes/no)"
+            )
+        ids.append(pieces[0])
+    if ids[0] == ids[1]:
+        raise ConfigError(f"relevance tokens {list(tokens)!r} map to the same token id {ids[0]}")
+    return ids[0], ids[1]
+
+
+def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize (query, document) pairs, unpadded, each at most ``max_length`` tokens.
+
+    monoT5 inputs are cut inside the document so the trailing ``Relevant:`` (which the model was
+    trained to answer after) always survives truncation.
+    """
+    if model_type == "monot5":
+        suffix = tokenizer(" Relevant:", add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        budget = max_length - len(suffix) - len(eos)
+        if budget < 8:
+            raise ConfigError(f"max_length {max_length} is too short for a monoT5 input")
+        heads = tokenizer([f"Query: {q} Document: {d}" for q, d in zip(queries, docs)], add_special_tokens=False,
+                          truncation=True, max_length=budget)["input_ids"]
+        return [{"input_ids": h + suffix + eos} for h in heads]
+    enc = tokenizer(list(queries), list(docs), truncation="longest_first", max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(queries))]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize single texts (bi-encoder side), unpadded."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+
+def collate(features: Sequence[Mapping[str, list[int]]], pad_id: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest member (dynamic padding) and build the attention mask."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, torch.Tensor] = {}
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    types = torch.zeros((len(features), width), dtype=torch.long) if "token_type_ids" in features[0] else None
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+        if types is not None:
+            types[i, :n] = torch.tensor(f["token_type_ids"])
+    batch["input_ids"], batch["attention_mask"] = ids, mask
+    if types is not None:
+        batch["token_type_ids"] = types
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token embeddings that are not padding (sentence-transformers' pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def monot5_scores(logits: torch.Tensor, true_id: int, false_id: int) -> torch.Tensor:
+    """log P(true) from a softmax over just the (true, false) logits at the first decoder step."""
+    pair = logits[:, 0, [true_id, false_id]].float()
+    return torch.log_softmax(pair, dim=-1)[:, 0]
+
+
+# --------------------------------------------------------------------------- the reranker
+
+
+@dataclass
+class Reranker:
+    """A loaded model that scores (query, document text) pairs. Build it with :func:`load_reranker`."""
+
+    model: Any
+    tokenizer: Any
+    model_type: str
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 32
+    max_length: int = 256
+    relevance_tokens: tuple[str, str] = ("true", "false")
+    source: str = ""
+    progress: bool = False  # a tqdm bar over batches (long reranking jobs)
+    _relevance_ids: tuple[int, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_type == "monot5":
+            self._relevance_ids = relevance_token_ids(self.tokenizer, self.relevance_tokens)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Scores of ``(query, document)`` pairs, in input order; higher is more relevant."""
+        if not pairs:
+            return []
+        if self.model_type == "bi-encoder":
+            return self._score_bi(pairs)
+        features = encode_pairs(self.tokenizer, self.model_type, [p[0] for p in pairs], [p[1] for p in pairs], self.max_length)
+        if self.model_type == "monot5":
+            start = self.model.config.decoder_start_token_id
+            true_id, false_id = self._relevance_ids  # type: ignore[misc]
+
+            def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                dec = torch.full((batch["input_ids"].shape[0], 1), start, dtype=torch.long, device=self.device)
+                logits = self.model(**batch, decoder_input_ids=dec).logits
+                return monot5_scores(logits, true_id, false_id)
+        else:
+
+            def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return self.model(**batch).logits[:, 0].float()
+
+        return self._run_sorted(features, forward)
+
+    def _score_bi(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        # Encode each distinct query and document once: a reranking depth of 100 repeats each query 100x.
+        q_index = {q: i for i, q in enumerate(dict.fromkeys(p[0] for p in pairs))}
+        d_index = {d: i for i, d in enumerate(dict.fromkeys(p[1] for p in pairs))}
+        q_emb = self.encode(list(q_index))
+        d_emb = self.encode(list(d_index))
+        qi = torch.tensor([q_index[p[0]] for p in pairs])
+        di = torch.tensor([d_index[p[1]] for p in pairs])
+        return (q_emb[qi] * d_emb[di]).sum(-1).tolist()
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length embeddings (bi-encoder), fp32 on the CPU, in input order."""
+        if self.model_type != "bi-encoder":
+            raise ConfigError(f"encode() is for bi-encoders; this model is a {self.model_type}")
+        features = encode_texts(self.tokenizer, texts, self.max_length)
+
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            hidden = self.model(**batch).last_hidden_state
+            return torch.nn.functional.normalize(mean_pool(hidden.float(), batch["attention_mask"]), dim=-1)
+
+        return torch.tensor(self._run_sorted(features, forward))
+
+    def _run_sorted(self, features: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> list:
+        # Longest first: batches of similar length waste little on padding, and an out-of-memory
+        # error (the longest batch) shows up at once rather than at the end.
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+        results: list = [None] * len(features)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        starts = range(0, len(order), self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="rerank", unit="batch")
+        with torch.inference_mode():
+            for s in starts:
+                idx = order[s : s + self.batch_size]
+                batch = collate([features[i] for i in idx], pad_id, self.device)
+                out = forward(batch).cpu().tolist()
+                for i, value in zip(idx, out):
+                    results[i] = value
+        return results
+
+
+def _read_metadata(folder: Path) -> dict[str, Any] | None:
+    file = folder / METADATA_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON ({e.msg})", path=str(file)) from None
+
+
+def guess_model_type(name_or_path: str) -> str:
+    """For a plain HF folder or hub id: T5 -> monot5; a classification head -> cross-encoder;
+    a bare encoder (sentence-transformers layout or ``*Model`` architecture) -> bi-encoder."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type in T5_MODEL_TYPES:
+        return "monot5"
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "cross-encoder"
+    folder = Path(name_or_path)
+    if (folder / "modules.json").is_file() or any(a.endswith("Model") for a in archs):
+        return "bi-encoder"
+    return "cross-encoder"
+
+
+def load_reranker(
+    path_or_name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 32,
+    max_length: int = 256,
+    model_type: str | None = None,
+    relevance_tokens: tuple[str, str] | None = None,
+    progress: bool = False,
+) -> Reranker:
+    """Load a reranker from a folder written by :func:`inpars.train.train_model`, any HF folder,
+    an HF hub id (e.g. ``castorini/monot5-base-msmarco-10k``) or a packaged alias (``minilm-l6``).
+
+    The folder's ``inpars_model.json`` says how to score it; without one the type is guessed from the
+    model config (see :func:`guess_model_type`), or forced with ``model_type``.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, T5ForConditionalGeneration
+
+    source = resolve_model(path_or_name)
+    if source.gguf_file:
+        raise ConfigError(f"{path_or_name!r} is a GGUF generator, not a reranker")
+    where = source.name_or_path
+    meta = _read_metadata(Path(where)) or {}
+    kind = model_type or meta.get("model_type") or guess_model_type(where)
+    if kind not in MODEL_TYPES:
+        raise ConfigError(f"unknown model_type {kind!r} (one of {', '.join(MODEL_TYPES)})")
+    tokens = tuple(relevance_tokens or meta.get("relevance_tokens") or ("true", "false"))
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if kind == "monot5":
+        model = T5ForConditionalGeneration.from_pretrained(where)
+    elif kind == "cross-encoder":
+        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=1)
+    else:
+        model = AutoModel.from_pretrained(where)
+    # Inference only, so the weights themselves can be bf16 (no autocast casts on every op).
+    model = model.to(device=dev, dtype=dt).eval()
+    return Reranker(model, tokenizer, kind, dev, dt, batch_size=batch_size, max_length=max_length,
+                    relevance_tokens=tokens, source=source.identity, progress=progress)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def top_docs(scores: Mapping[str, float], depth: int) -> list[str]:
+    """The ``depth`` best doc ids by score (ties by doc id, as :func:`inpars.corpus.format_run` ranks them)."""
+    return [d for d, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:depth]]
+
+
+def rerank_run(
+    run: Mapping[str, Mapping[str, float]],
+    queries: Mapping[str, str],
+    docs: Mapping[str, Document],
+    reranker: Reranker,
+    *,
+    depth: int = 100,
+) -> Run:
+    """Rescore the top ``depth`` documents of each query of ``run`` with ``reranker``.
+
+    Documents ranked below ``depth`` by the first stage are *dropped* from the output run (a reranked
+    run holds only reranked scores; mixing them with first-stage scores would rank incomparable
+    numbers). Every id is checked before any model work, so bad input fails fast and names the id.
+    """
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    chosen: dict[str, list[str]] = {}
+    for qid, scores in run.items():
+        if qid not in queries:
+            raise InputError(f"run query id {qid!r} is not in the queries")
+        chosen[qid] = top_docs(scores, depth)
+        for did in chosen[qid]:
+            if did not in docs:
+                raise InputError(f"run document id {did!r} (query {qid!r}) is not in the corpus")
+    # One call over all queries: the reranker sorts the pairs by length across the whole set.
+    pairs = [(queries[qid], docs[did].contents) for qid, dids in chosen.items() for did in dids]
+    scores = iter(reranker.score(pairs))
+    return {qid: {did: next(scores) for did in dids} for qid, dids in chosen.items()}
+
+
+def _minmax(scores: Mapping[str, float]) -> dict[str, float]:
+    if not scores:
+        return {}
+    lo, hi = min(scores.values()), max(scores.values())
+    if hi <= lo:  # all equal: this run says nothing about the order, so it adds nothing
+        return {d: 0.0 for d in scores}
+    return {d: (s - lo) / (hi - lo) for d, s in scores.items()}
+
+
+def fuse_runs(first: Mapping[str, Mapping[str, float]], second: Mapping[str, Mapping[str, float]], weight_first: float) -> Run:
+    """``weight_first * first + (1 - weight_first) * second`` after min-max normalising each query's
+    scores in each run to [0, 1]; over the union of queries and documents, a document missing from
+    one run gets that run's minimum (0)."""
+    if not 0.0 <= weight_first <= 1.0:
+        raise ConfigError(f"weight_first must be in [0, 1], got {weight_first}")
+    fused: Run = {}
+    for qid in dict.fromkeys([*first, *second]):
+        a, b = _minmax(first.get(qid, {})), _minmax(second.get(qid, {}))
+        fused[qid] = {d: weight_first * a.get(d, 0.0) + (1.0 - weight_first) * b.get(d, 0.0) for d in dict.fromkeys([*a, *b])}
+    return fused
+
+
+DEFAULT_GRID = tuple(i / 10 for i in range(11))
+
+
+def choose_fusion_weight(
+    first: Mapping[str, Mapping[str, float]],
+    second: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    grid: Sequence[float] = DEFAULT_GRID,
+    measure: str = "RR@10",
+) -> tuple[float, dict[float, float]]:
+    """The grid weight of ``first`` whose fused run scores best on ``qrels``, and every weight's value.
+
+    Pass qrels of *held-out synthetic* queries (source document = relevant), never test queries: a
+    weight picked on the test set inflates the reported figure. Only the queries in ``qrels`` are
+    fused and scored. Ties go to the earliest weight in ``grid``.
+    """
+    import ir_measures
+
+    if not qrels:
+        raise InputError("choose_fusion_weight needs qrels for at least one query")
+    m = ir_measures.parse_measure(measure)
+    a = {q: first[q] for q in qrels if q in first}
+    b = {q: second[q] for q in qrels if q in second}
+    if not a and not b:
+        raise InputError("none of the qrels queries are in either run")
+    values: dict[float, float] = {}
+    for w in grid:
+        fused = fuse_runs(a, b, w)
+        res = ir_measures.calc_aggregate([m], {q: dict(d) for q, d in qrels.items()}, fused)
+        values[w] = float(res.get(m, 0.0))
+    best = max(grid, key=lambda w: (values[w], -list(grid).index(w)))
+    if math.isnan(values[best]):
+        raise InputError(f"{measure} is undefined on these qrels")
+    return best, values
