@@ -68,10 +68,10 @@ class BM25Index(ABC):
         return len(self.doc_ids)
 
     def __contains__(self, doc_id: object) -> bool:
-        ids = getattr(self, "_id_set", None)
-        if ids is None or len(ids) != len(self.doc_ids):
-            ids = self._id_set = set(self.doc_ids)
-        return doc_id in ids
+        ids = self.__dict__.get("_id_set")
+        if ids is None or ids[0] is not self.doc_ids:  # rebuilt or reloaded since cached
+            ids = self.__dict__["_id_set"] = (self.doc_ids, set(self.doc_ids))
+        return doc_id in ids[1]
 
 
 def _check_docs(docs: Sequence[Document]) -> list[Document]:
@@ -156,8 +156,11 @@ class BM25sIndex(BM25Index):
         import bm25s
 
         docs = _check_docs(docs)
+        tokens = self._tokenize([d.contents for d in docs], return_ids=True)
+        if not tokens.vocab:
+            raise InputError("no document has an indexable word (all stopwords or one-letter tokens)")
         retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
-        retriever.index(self._tokenize([d.contents for d in docs], return_ids=True), show_progress=False)
+        retriever.index(tokens, show_progress=False)
         self._retriever = retriever
         self._ids = [d.doc_id for d in docs]
         return self
@@ -191,12 +194,13 @@ class BM25sIndex(BM25Index):
     def search(self, queries: Mapping[str, str], k: int) -> Run:
         qids = list(queries)
         indices, scores = self.retrieve([queries[q] for q in qids], k)
-        ids = self._ids  # shared str objects: a 10k x 1000 run stays small
+        # An object array of the id strings: indexing it reuses the same str objects, so a
+        # 10k x 1000 run costs dict slots and floats only.
+        ids = np.asarray(self._ids, dtype=object)
         run: Run = {}
         for row, qid in enumerate(qids):
-            sc = scores[row].tolist()
-            ix = indices[row].tolist()
-            run[qid] = {ids[i]: s for i, s in zip(ix, sc) if s > 0.0}
+            keep = scores[row] > 0.0  # score 0 = no query term in the document
+            run[qid] = dict(zip(ids[indices[row][keep]].tolist(), scores[row][keep].tolist()))
         return run
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -52,6 +52,7 @@ class GenerateConfig:
     request_timeout: float = 60.0
     prices: dict[str, float] = field(default_factory=dict)  # per 1M tokens: {"prompt": x, "completion": y}
     budget_usd: float | None = None
+    tokenizer: str | None = None  # API backend: local HF tokenizer (alias/id/path) when the server has no /tokenize
 
 
 @dataclass

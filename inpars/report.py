@@ -58,8 +58,7 @@ def _local_path(run: str) -> Path:
 def _read(run: str, relpath: str) -> bytes | None:
     """The bytes of ``<run>/<relpath>``, or None when the file does not exist (yet).
 
-    A local folder is read directly; any other URI (gs://...) goes through the workspace's
-    :class:`inpars.workspace.Run`, so the report never needs to know a storage backend.
+    A local folder is read directly; any other URI (gs://...) goes through :mod:`inpars.storage`.
     """
     if _is_local(run):
         path = _local_path(run) / relpath
@@ -67,17 +66,12 @@ def _read(run: str, relpath: str) -> bytes | None:
             return path.read_bytes()
         except FileNotFoundError:
             return None
+    from .storage import open_storage  # remote runs (gs://) read through the storage interface
+
     try:
-        from .workspace import Run  # written alongside; imported lazily so local reports need nothing
-    except ImportError as e:  # pragma: no cover - depends on the workspace module being present
-        raise InputError(f"cannot read {run!r}: remote runs need inpars.workspace ({e})") from None
-    try:
-        data = Run.open(run).get_file(relpath)
+        return open_storage(run).read_bytes(relpath)
     except FileNotFoundError:
         return None
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return data
 
 
 def _where(run: str, relpath: str) -> str:

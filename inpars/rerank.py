@@ -125,8 +125,9 @@ def relevance_token_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int
 def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
     """Tokenize (query, document) pairs, unpadded, each at most ``max_length`` tokens.
 
-    monoT5 inputs are cut inside the document so the trailing ``Relevant:`` (which the model was
-    trained to answer after) always survives truncation.
+    Both kinds truncate "longest first" (the document, unless the query is the longer), so a long
+    query cannot push the document out. monoT5 inputs keep their trailing ``Relevant:`` (which the
+    model was trained to answer after) whatever is cut.
     """
     if model_type == "monot5":
         suffix = tokenizer(" Relevant:", add_special_tokens=False)["input_ids"]
@@ -134,12 +135,28 @@ def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: 
         budget = max_length - len(suffix) - len(eos)
         if budget < 8:
             raise ConfigError(f"max_length {max_length} is too short for a monoT5 input")
-        heads = tokenizer([f"Query: {q} Document: {d}" for q, d in zip(queries, docs)], add_special_tokens=False,
-                          truncation=True, max_length=budget)["input_ids"]
-        return [{"input_ids": h + suffix + eos} for h in heads]
+        q_ids = tokenizer([f"Query: {q}" for q in queries], add_special_tokens=False)["input_ids"]
+        d_ids = tokenizer([f" Document: {d}" for d in docs], add_special_tokens=False)["input_ids"]
+        out = []
+        for q, d in zip(q_ids, d_ids):
+            nq, nd = _longest_first(len(q), len(d), budget)
+            out.append({"input_ids": q[:nq] + d[:nd] + suffix + eos})
+        return out
     enc = tokenizer(list(queries), list(docs), truncation="longest_first", max_length=max_length)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(queries))]
+
+
+def _longest_first(nq: int, nd: int, budget: int) -> tuple[int, int]:
+    """Lengths to keep of two segments so they fit ``budget``, trimming the longer one first."""
+    if nq + nd <= budget:
+        return nq, nd
+    half = budget // 2
+    if nq <= half:
+        return nq, budget - nq
+    if nd <= budget - half:
+        return budget - nd, nd
+    return half, budget - half
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:

@@ -42,12 +42,9 @@ class Dataset:
 
 
 def _fetch(uri: str) -> Path:
-    if uri.startswith("gs://"):
-        from .storage import open_storage
+    from .storage import fetch_local
 
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        return Path(open_storage(parent).local_path(name))
-    return Path(uri)
+    return Path(fetch_local(uri))
 
 
 def resolve_dataset(config: PipelineConfig) -> Dataset:
@@ -281,9 +278,10 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
 def _read_trec_shards(run: Run, stage: str, prefix: str, count: int) -> dict | None:
     run_: dict[str, dict[str, float]] = {}
     for i in range(count):
-        data = run.get_file(stage, f"{prefix}{shard_name(i, count, 'trec')}") if prefix else run.read_shard(stage, i, count, "trec")
-        if data is None:
+        name = f"{prefix}{shard_name(i, count, 'trec')}"
+        if prefix and not run.has_file(stage, name):
             return None
+        data = run.get_file(stage, name) if prefix else run.read_shard(stage, i, count, "trec")
         for line in data.decode().splitlines():
             q, _, d, _, s, _ = line.split()
             run_.setdefault(q, {})[d] = float(s)
@@ -321,7 +319,7 @@ def publish_worker(run: Run, index: int, count: int) -> None:
 
     config = run.config
     kept = _rows(run.read_shard("filter", 0, 1, "jsonl"))
-    summary = json.loads(run.get_file("filter", "summary.json") or b"{}")
+    summary = json.loads(run.get_file("filter", "summary.json")) if run.has_file("filter", "summary.json") else {}
     manifest = publish_dataset(kept, config.publish.destination, dataset=config.data.name, manifest=run.manifest, filter_stats=summary)
     run.commit_shard("publish", 0, 1, json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(kept)})
 

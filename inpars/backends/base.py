@@ -34,7 +34,7 @@ class Generation:
     tokens: list[str] = field(default_factory=list)  # the query's tokens (stop newline excluded)
     log_probs: list[float] = field(default_factory=list)  # one per token in ``tokens``
     prompt_tokens: int = 0
-    completion_tokens: int = 0  # tokens generated, as billed/computed (may include the stop token)
+    completion_tokens: int = 0  # the query's tokens: len(log_probs) (a stop newline is not counted)
     finish_reason: str = "stop"  # "stop" (newline / end of text) | "length" (max_new_tokens reached)
 
 

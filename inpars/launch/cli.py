@@ -71,6 +71,7 @@ def run(
     namespace: str = "inpars",
     image: Optional[str] = None,
     queue: Optional[str] = typer.Option(None, help="Kueue LocalQueue name"),
+    until: Optional[str] = typer.Option(None, help="stop after this stage (resume continues later)"),
 ):
     """Run every stage of a pipeline, stage after stage, and print the evaluation."""
     from ..workspace import Run
@@ -88,11 +89,11 @@ def run(
         return
     run_ = Run.create(workspace, cfg, run_id)
     console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
-    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
 
 
-def _execute(run_, backend: str, *, parallel: int, namespace: str, image: Optional[str], queue: Optional[str]) -> None:
-    jobs = plan_pipeline(run_.config, run_.uri)
+def _execute(run_, backend: str, *, parallel: int, namespace: str, image: Optional[str], queue: Optional[str], until: str | None = None) -> None:
+    jobs = plan_pipeline(run_.config, run_.uri, until=until)
     started = time.monotonic()
     if backend == "local":
         from .local import run_jobs

@@ -52,10 +52,15 @@ def stage_shards(config: PipelineConfig) -> dict[str, int]:
     return shards
 
 
-def plan_pipeline(config: PipelineConfig, run_uri: str, *, max_retries: int = 3) -> list[StageJob]:
-    """The stages of ``config`` in dependency order, each as a :class:`StageJob`."""
+def plan_pipeline(config: PipelineConfig, run_uri: str, *, max_retries: int = 3, until: str | None = None) -> list[StageJob]:
+    """The stages of ``config`` in dependency order (up to and including ``until``), as :class:`StageJob`s."""
+    shards_by_stage = stage_shards(config)
+    if until is not None and until not in shards_by_stage:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown stage {until!r}; this run's stages: {list(shards_by_stage)}")
     jobs = []
-    for stage, shards in stage_shards(config).items():
+    for stage, shards in shards_by_stage.items():
         resources = config.resources.get(stage) or DEFAULT_RESOURCES[stage]
         secret_env = {}
         if stage == "generate" and config.generate.backend == "openai":
@@ -73,6 +78,8 @@ def plan_pipeline(config: PipelineConfig, run_uri: str, *, max_retries: int = 3)
                 max_retries=max_retries,
             )
         )
+        if stage == until:
+            break
     return jobs
 
 

@@ -128,13 +128,19 @@ def cache_root() -> Path:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder + rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        for attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                break
+            except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
+                if attempt == 2:
+                    raise
         os.replace(tmp, path)
     finally:
         if tmp.exists():

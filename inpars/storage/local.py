@@ -40,15 +40,11 @@ class LocalStorage(Storage):
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # cheap fast path; the link below is what makes it atomic
             return False
         tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_new(tmp, data)
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -82,7 +78,16 @@ class LocalStorage(Storage):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Prune folders left empty (e.g. a cleared checkpoint), as an object store has none.
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone): stop
+                break
 
     def uri(self, key: str = "") -> str:
         return str(self._path(key)) if key else str(self.root)
@@ -101,6 +106,20 @@ class LocalStorage(Storage):
                 raise FileNotFoundError(f"nothing stored under {source}")
             return source
         return super().download_dir(key_prefix, local_dir)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    for attempt in range(3):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
+            if attempt == 2:
+                raise
 
 
 def _exclusive_create(path: Path, data: bytes) -> bool:

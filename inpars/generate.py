@@ -1,0 +1,97 @@
+"""The generate stage as a library function: documents in, one synthetic-query row per document out.
+
+A row depends only on its document, the prompt, the model and the seed, never on which other
+documents share the call: the stage worker checkpoints in chunks and shards the corpus, and reruns
+must reproduce the same rows. Rows keep the published InPars field names (``query``, ``doc_id``,
+``doc_text``, ``log_probs``, ``prompt_text``, ``fewshot_examples``) so existing data and tools
+interoperate; see docs/DESIGN.md for the schema.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+from .backends.base import GenerationBackend
+from .corpus import Document
+from .prompts import Prompt
+
+
+def sample_documents(docs: Mapping[str, Document] | Sequence[Document], n: int | None, seed: int) -> list[Document]:
+    """``n`` documents drawn at random (all of them, shuffled, when ``n`` is None or too large).
+
+    Deterministic: the same documents in the same order give the same sample and order for a seed.
+    """
+    pool = list(docs.values()) if isinstance(docs, Mapping) else list(docs)
+    rng = random.Random(seed)
+    if n is None or n >= len(pool):
+        rng.shuffle(pool)
+        return pool
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return rng.sample(pool, n)
+
+
+def generate_queries(
+    docs: Sequence[Document],
+    backend: GenerationBackend,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int = 32,
+    max_doc_tokens: int = 256,
+    max_example_tokens: int = 128,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """One generated-query row per document, in input order.
+
+    ``batch_size`` is the number of prompts per forward pass for local backends; documents are sent
+    to the backend in calls of a few batches (so it can sort them by length) and ``on_progress`` is
+    called with the number of documents finished after each call. An empty generation still yields a
+    row (``query == ""``): the filter stage drops it with a reason, nothing is dropped silently here.
+    """
+    if hasattr(backend, "batch_size"):
+        backend.batch_size = max(1, int(batch_size))
+    built = [
+        prompt.build(doc, truncate=backend.truncate, max_doc_tokens=max_doc_tokens,
+                     max_example_tokens=max_example_tokens, seed=seed)
+        for doc in docs
+    ]
+    # The shared start of the prompts (the few-shot part) lets the backend reuse its KV cache.
+    prefix = os.path.commonprefix([p.prefix for p in built]) if built else ""
+    rows: list[dict] = []
+    per_call = max(1, batch_size) * 4
+    for start in range(0, len(docs), per_call):
+        part = built[start : start + per_call]
+        gens = backend.generate(
+            [p.text for p in part], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, prefix=prefix or None,
+        )
+        if len(gens) != len(part):
+            raise RuntimeError(f"backend {backend.name!r} returned {len(gens)} generations for {len(part)} prompts")
+        for doc, pt, gen in zip(docs[start : start + per_call], part, gens):
+            rows.append(
+                {
+                    "query": gen.text,
+                    "doc_id": doc.doc_id,
+                    "doc_text": doc.contents,
+                    "log_probs": [float(x) for x in gen.log_probs],
+                    "prompt_text": pt.text,
+                    "fewshot_examples": pt.fewshot_examples,
+                    "model": backend.model_identity,
+                    "prompt": prompt.name,
+                    "seed": seed,
+                    "query_id": f"{doc.doc_id}-{seed}",
+                    "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
+                }
+            )
+        if on_progress is not None:
+            on_progress(len(rows))
+    return rows
+
+
+__all__ = ["generate_queries", "sample_documents"]

@@ -1,0 +1,133 @@
+"""Hard negatives from BM25 for each (synthetic query, source document) pair.
+
+For each query the top ``depth`` BM25 hits are candidates; the positive and the first ``skip_top``
+ranks (likely unlabelled positives) are removed, and ``n_negatives`` are sampled. Sampling is seeded
+by ``(seed, query_id)`` alone, so a query gets the same negatives whichever shard it lands in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from .bm25 import BM25Index
+from .corpus import Document
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def query_rng(seed: int, query_id: str) -> random.Random:
+    """A generator seeded by ``(seed, query_id)`` only (stable across processes and shards)."""
+    digest = hashlib.sha256(f"{seed}\x00{query_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _check_rows(rows: Sequence[dict], index: BM25Index) -> None:
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        for field in ("query_id", "query", "doc_id"):
+            if row.get(field) in (None, ""):
+                raise InputError(f"row {i} (query_id {row.get('query_id')!r}) has no {field!r}")
+        qid = str(row["query_id"])
+        if qid in seen:
+            raise InputError(f"query_id {qid!r} appears twice")
+        seen.add(qid)
+        if str(row["doc_id"]) not in index:
+            raise InputError(f"query {qid!r}: its doc_id {row['doc_id']!r} is not in the corpus")
+
+
+def mine_negatives(
+    rows: Sequence[dict],
+    index: BM25Index,
+    *,
+    depth: int = 100,
+    n_negatives: int = 3,
+    skip_top: int = 0,
+    seed: int = 0,
+    run: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[dict]:
+    """BM25 negatives for every row (``query_id``, ``query``, ``doc_id``), in row order.
+
+    Args:
+        rows: generated or filtered query rows.
+        index: a built BM25 index over the corpus (one batched ``search`` call for all rows).
+        depth: BM25 hits considered per query.
+        n_negatives: negatives sampled per query (fewer when BM25 finds fewer candidates).
+        skip_top: ignore BM25 ranks ``1..skip_top`` (the positive is always ignored).
+        seed: sampling seed; with the query id it fixes the sample.
+        run: an existing BM25 run to reuse; queries missing from it are searched.
+
+    Returns rows ``{"query_id", "query", "pos_doc_id", "neg_doc_ids", "neg_ranks", "pos_rank",
+    "n_missing"}``: ``neg_ranks`` are 1-based BM25 ranks aligned with ``neg_doc_ids`` (ascending),
+    ``pos_rank`` the positive's rank (``None`` if not in the top ``depth``) and ``n_missing`` how
+    many negatives short of ``n_negatives`` the row is.
+    """
+    if depth < 1 or n_negatives < 0 or skip_top < 0:
+        raise ConfigError(f"need depth >= 1, n_negatives >= 0, skip_top >= 0 (got {depth}, {n_negatives}, {skip_top})")
+    rows = list(rows)
+    _check_rows(rows, index)
+    run = dict(run or {})
+    todo = {str(r["query_id"]): str(r["query"]) for r in rows if str(r["query_id"]) not in run}
+    if todo:
+        run.update(index.search(todo, k=depth))
+
+    out, short = [], 0
+    for row in rows:
+        qid, pos = str(row["query_id"]), str(row["doc_id"])
+        # Ties broken by doc id so the ranking (and thus the sample) is reproducible.
+        ranked = sorted(run.get(qid, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
+        pos_rank = next((r for r, (d, _) in enumerate(ranked, 1) if d == pos), None)
+        candidates = [(r, d) for r, (d, _) in enumerate(ranked, 1) if r > skip_top and d != pos]
+        picked = sorted(query_rng(seed, qid).sample(candidates, min(n_negatives, len(candidates))))
+        missing = n_negatives - len(picked)
+        short += missing > 0
+        out.append({
+            "query_id": qid,
+            "query": row["query"],
+            "pos_doc_id": pos,
+            "neg_doc_ids": [d for _, d in picked],
+            "neg_ranks": [r for r, _ in picked],
+            "pos_rank": pos_rank,
+            "n_missing": missing,
+        })
+    if short:
+        log.warning("%d of %d queries have fewer than %d BM25 negatives (see n_missing)", short, len(rows), n_negatives)
+    return out
+
+
+def _clean(text: str) -> str:
+    # A tab or newline inside a field would break the TSV's columns.
+    return " ".join(text.replace("\t", " ").split())
+
+
+def write_triples_tsv(triples: Iterable[Mapping], docs: Mapping[str, Document], path: str | os.PathLike) -> int:
+    """Write ``query<TAB>positive text<TAB>negative text``, one line per negative; returns the count.
+
+    Texts are :attr:`Document.contents` (title + text) with tabs and newlines made spaces.
+    The file is written atomically (temp file + rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for t in triples:
+                ids = [t["pos_doc_id"], *t["neg_doc_ids"]]
+                for did in ids:
+                    if did not in docs:
+                        raise InputError(f"query {t.get('query_id')!r}: document {did!r} is not in the corpus")
+                query, pos = _clean(t["query"]), _clean(docs[t["pos_doc_id"]].contents)
+                for did in t["neg_doc_ids"]:
+                    f.write(f"{query}\t{pos}\t{_clean(docs[did].contents)}\n")
+                    n += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n

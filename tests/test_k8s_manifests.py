@@ -1,0 +1,424 @@
+"""Rendered Jobs, cluster set-up manifests and container images, checked without a cluster.
+
+Structure: kubernetes-validate's JSON schemas (strict, so a misspelt field fails). Values the schemas
+leave open (names, quantities, label values) and the InPars contract (shards, retries, failure
+policy, secrets by reference, Kueue) are asserted here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from inpars.config import PipelineConfig, ResourcesConfig  # noqa: E402
+from inpars.errors import EXIT_PERMANENT, ConfigError  # noqa: E402
+from inpars.launch.k8s import (  # noqa: E402
+    QUEUE_LABEL,
+    SHARD_COUNT_ENV,
+    SHARD_INDEXES_ENV,
+    dry_run,
+    image_for,
+    job_name,
+    render_examples,
+    render_job,
+    run_label,
+    shard_from_env,
+    validate_manifest,
+)
+from inpars.launch.plan import SECRET_NAME, StageJob, plan_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONS = ["1.30.0", "1.35.0", kubernetes_validate.latest_version()]
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+SENTINEL_KEY = "sk-test-DO-NOT-LEAK-0123456789"
+
+
+def variant(name: str) -> PipelineConfig:
+    cfg = PipelineConfig().override({"generate.shards": 4, "negatives.shards": 2, "rerank.shards": 3})
+    if name == "gpu":
+        for stage in ("generate", "train", "rerank"):
+            cfg.resources[stage] = ResourcesConfig(cpu="8", memory="32Gi", gpu=1, gpu_type="nvidia-l4")
+    elif name == "tpu":
+        cfg.resources["train"] = ResourcesConfig(cpu="8", memory="64Gi", tpu_type="tpu-v5-lite-podslice", tpu_topology="2x2")
+    elif name == "openai":
+        cfg = cfg.override({"generate.backend": "openai", "generate.model": "gpt-4o-mini"})
+    elif name == "publish":
+        cfg = cfg.override({"publish.destination": "gs://bucket/published"})
+    return cfg
+
+
+def render_all(name: str, **kw) -> list[dict]:
+    jobs = plan_pipeline(variant(name), "gs://bucket/ws/runs/r-1")
+    return [render_job(job, run_id="r-1", namespace="inpars", image="ghcr.io/inpars/inpars:cpu", **kw) for job in jobs]
+
+
+def container(manifest: dict) -> dict:
+    [c] = manifest["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(manifest: dict) -> dict:
+    return {e["name"]: e for e in container(manifest)["env"]}
+
+
+@pytest.mark.parametrize("name", ["default", "gpu", "tpu", "openai", "publish"])
+def test_every_stage_validates_against_the_schemas(name):
+    manifests = render_all(name, queue="inpars")
+    assert len(manifests) >= 6
+    for m in manifests:
+        for version in VERSIONS:
+            kubernetes_validate.validate(m, version, strict=True)
+        validate_manifest(m)
+        assert m["metadata"]["namespace"] == "inpars"
+        assert DNS1123.match(m["metadata"]["name"]) and len(m["metadata"]["name"]) <= 63
+
+
+def test_the_job_contract():
+    for m in render_all("default"):
+        spec = m["spec"]
+        stage = m["metadata"]["labels"]["inpars.io/stage"]
+        shards = {"generate": 4, "negatives": 2, "rerank": 3}.get(stage, 1)
+        assert m["apiVersion"] == "batch/v1" and m["kind"] == "Job"
+        assert spec["completionMode"] == "Indexed" and spec["completions"] == shards
+        assert 1 <= spec["parallelism"] <= shards
+        assert spec["backoffLimitPerIndex"] == 3 and 1 <= spec["maxFailedIndexes"] <= shards
+        assert "backoffLimit" not in spec
+        assert spec["podReplacementPolicy"] == "Failed"
+        assert spec["ttlSecondsAfterFinished"] == 86400
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        assert spec["template"]["spec"]["serviceAccountName"] == "inpars-runner"
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        assert rules[1]["action"] == "FailIndex"
+        assert rules[1]["onExitCodes"] == {"containerName": "worker", "operator": "In", "values": [EXIT_PERMANENT]}
+        labels = m["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "inpars" and labels["inpars.io/run-id"] == "r-1"
+        assert spec["template"]["metadata"]["labels"]["inpars.io/stage"] == stage  # pods are findable too
+        assert QUEUE_LABEL not in labels and "suspend" not in spec
+        c = container(m)
+        assert c["command"] == ["inpars", "worker", stage, "--run", "gs://bucket/ws/runs/r-1"]
+        assert c["resources"]["requests"] == c["resources"]["limits"]
+        assert env_of(m)[SHARD_COUNT_ENV]["value"] == str(shards) and SHARD_INDEXES_ENV not in env_of(m)
+        assert env_of(m)["HF_HOME"]["value"].startswith("/scratch") if stage != "evaluate" else True
+        assert c["image"] == "ghcr.io/inpars/inpars:cpu"
+        assert "nodeSelector" not in spec["template"]["spec"]
+
+
+def test_kueue_label_suspends_the_job():
+    for m in render_all("default", queue="team-a"):
+        assert m["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+        assert m["spec"]["suspend"] is True
+        assert QUEUE_LABEL not in m["spec"]["template"]["metadata"]["labels"]
+
+
+def test_gpu_resources_selectors_and_image():
+    by_stage = {m["metadata"]["labels"]["inpars.io/stage"]: m for m in render_all("gpu")}
+    for stage in ("generate", "train", "rerank"):
+        m = by_stage[stage]
+        pod = m["spec"]["template"]["spec"]
+        assert container(m)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert container(m)["image"] == "ghcr.io/inpars/inpars:cuda"
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])  # /dev/shm
+    assert "nvidia.com/gpu" not in container(by_stage["filter"])["resources"]["limits"]
+    assert container(by_stage["filter"])["image"] == "ghcr.io/inpars/inpars:cpu"
+
+
+def test_tpu_resources_and_selectors():
+    m = next(m for m in render_all("tpu") if m["metadata"]["labels"]["inpars.io/stage"] == "train")
+    res = container(m)["resources"]
+    assert res["requests"]["google.com/tpu"] == res["limits"]["google.com/tpu"] == "4"
+    assert m["spec"]["template"]["spec"]["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+        "cloud.google.com/gke-tpu-topology": "2x2",
+    }
+    assert container(m)["image"] == "ghcr.io/inpars/inpars:tpu"
+
+
+def test_bad_resources_are_config_errors():
+    job = StageJob("train", 1, ["inpars"], resources=ResourcesConfig(gpu=1, tpu_type="tpu-v5-lite-podslice", tpu_topology="2x2"))
+    kw = dict(run_id="r", namespace="n", image="i:cpu")
+    with pytest.raises(ConfigError, match="not both"):
+        render_job(job, **kw)
+    with pytest.raises(ConfigError, match="tpu_topology"):
+        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(tpu_type="tpu-v5-lite-podslice")), **kw)
+    with pytest.raises(ConfigError, match="several hosts"):
+        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(tpu_type="tpu-v5p-slice", tpu_topology="4x4x4")), **kw)
+    with pytest.raises(ConfigError, match="gpu >= 1"):
+        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(gpu_type="nvidia-l4")), **kw)
+    with pytest.raises(ConfigError, match="not a quantity"):
+        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(cpu="lots")), **kw)
+    with pytest.raises(ConfigError, match="outside"):
+        render_job(StageJob("generate", 4, ["inpars"]), indexes=[1, 4], **kw)
+    with pytest.raises(ConfigError, match="no Job template"):
+        render_job(StageJob("nonsense", 1, ["inpars"]), **kw)
+
+
+def test_api_keys_only_by_reference(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL_KEY)  # present in the launcher's environment...
+    manifests = render_all("openai")
+    text = json.dumps(manifests) + dry_run(plan_pipeline(variant("openai"), "gs://b/runs/r"), run_id="r", namespace="n", image="i")
+    assert SENTINEL_KEY not in text  # ...never in a manifest
+    gen = next(m for m in manifests if m["metadata"]["labels"]["inpars.io/stage"] == "generate")
+    key = env_of(gen)["OPENAI_API_KEY"]
+    assert "value" not in key
+    assert key["valueFrom"] == {"secretKeyRef": {"name": SECRET_NAME, "key": "openai-api-key"}}
+    others = [m for m in manifests if m is not gen]
+    assert all("OPENAI_API_KEY" not in env_of(m) for m in others)  # only the stage that needs it
+    job = StageJob("generate", 1, ["x"], env={"OPENAI_API_KEY": "plain"}, secret_env={"OPENAI_API_KEY": (SECRET_NAME, "k")})
+    with pytest.raises(ConfigError, match="both"):
+        render_job(job, run_id="r", namespace="n", image="i")
+
+
+def test_names_are_dns_labels_and_distinct():
+    long_a, long_b = "a" * 80 + "-x", "a" * 80 + "-y"
+    for rid in ("r-1", "Run_2026:11:26", long_a, "-weird-", "UPPER"):
+        for stage in ("generate", "negatives", "publish"):
+            for attempt in (0, 1, 12):
+                name = job_name(rid, stage, attempt)
+                assert DNS1123.match(name) and len(name) <= 63, name
+                assert name.endswith(f"-{stage}" + (f"-r{attempt}" if attempt else ""))
+        assert len(run_label(rid)) <= 63
+    assert job_name(long_a, "generate") != job_name(long_b, "generate")
+    assert job_name("a_b", "generate") != job_name("a-b", "generate")  # lossy slugs get a hash
+    assert job_name("scifact-20261126-ab12", "train") == "inpars-scifact-20261126-ab12-train"  # readable when valid
+
+
+def test_resume_job_maps_completion_indexes_to_missing_shards():
+    job = plan_pipeline(variant("default"), "gs://b/runs/r")[0]
+    m = render_job(job, run_id="r", namespace="n", image="i", indexes=[3, 1], attempt=1)
+    assert m["metadata"]["name"].endswith("-generate-r1")
+    assert m["spec"]["completions"] == 2 and m["spec"]["parallelism"] <= 2
+    env = env_of(m)
+    assert env[SHARD_INDEXES_ENV]["value"] == "1,3" and env[SHARD_COUNT_ENV]["value"] == "4"
+    assert m["metadata"]["annotations"]["inpars.io/shard-indexes"] == "1,3"
+    for version in VERSIONS:
+        kubernetes_validate.validate(m, version, strict=True)
+
+
+def test_validate_manifest_catches_what_schemas_do_not():
+    good = render_all("default")[0]
+    validate_manifest(good)
+    for mutate, message in [
+        (lambda m: m["metadata"].update(name="Bad_Name"), "DNS-1123"),
+        (lambda m: m["metadata"].update(name="x" * 64), "DNS-1123"),
+        (lambda m: container(m)["resources"]["limits"].update(memory="16 GB"), "quantity"),
+        (lambda m: m["metadata"]["labels"].update({"inpars.io/run-id": "has space"}), "label"),
+        (lambda m: m["spec"]["template"]["spec"]["volumes"][0]["emptyDir"].update(sizeLimit="big"), "quantity"),
+        (lambda m: container(m)["env"].append({"name": "1=bad", "value": "x"}), "variable"),
+    ]:
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        kubernetes_validate.validate(bad, "1.35.0", strict=True)  # the schema lets it through...
+        with pytest.raises(ConfigError, match=message):  # ...validate_manifest does not
+            validate_manifest(bad)
+
+
+def test_image_variants():
+    cpu, gpu, tpu = ResourcesConfig(), ResourcesConfig(gpu=2), ResourcesConfig(tpu_type="t", tpu_topology="2x2")
+    assert image_for("reg/inpars:cpu", gpu) == "reg/inpars:cuda"
+    assert image_for("reg/inpars:cuda", cpu) == "reg/inpars:cpu"
+    assert image_for("reg:5000/inpars:{variant}-v1", tpu) == "reg:5000/inpars:tpu-v1"
+    assert image_for("reg/inpars:v1.2", gpu) == "reg/inpars:v1.2"  # anything else is used as given
+    assert image_for("localhost:5000/inpars", gpu) == "localhost:5000/inpars"
+
+
+def test_dry_run_is_yaml_of_every_stage():
+    jobs = plan_pipeline(variant("publish"), "gs://b/runs/r")
+    docs = list(yaml.safe_load_all(dry_run(jobs, run_id="r", namespace="inpars", image="i:cpu")))
+    assert [d["metadata"]["labels"]["inpars.io/stage"] for d in docs] == [j.stage for j in jobs]
+    assert [d["metadata"]["labels"]["inpars.io/stage"] for d in docs][-1] == "publish"
+
+
+def test_jobs_folder_is_up_to_date_and_valid():
+    expected = render_examples()
+    found = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "jobs").glob("*.yaml")}
+    assert found == expected, "jobs/*.yaml are stale: run `python -m inpars.launch.k8s --write-examples jobs/`"
+    for text in expected.values():
+        [m] = list(yaml.safe_load_all(text))
+        for version in VERSIONS:
+            kubernetes_validate.validate(m, version, strict=True)
+        validate_manifest(m)
+
+
+def k8s_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / "k8s" / name).read_text(encoding="utf-8")) if d]
+
+
+def test_cluster_setup_manifests():
+    kustomization = k8s_docs("kustomization.yaml")[0]
+    resources = kustomization["resources"]
+    assert all((ROOT / "k8s" / r).is_file() for r in resources)
+    # `kubectl apply -k k8s/` must work without Kueue CRDs and must never apply the secret template.
+    assert not any("kueue" in r or "secret" in r for r in resources)
+    docs = [d for r in resources for d in k8s_docs(r)] + k8s_docs("secret.template.yaml")
+    for d in docs:
+        for version in VERSIONS:
+            kubernetes_validate.validate(d, version, strict=True)
+        validate_manifest(d)
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "inpars"
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Namespace", "inpars"), ("ServiceAccount", "inpars-runner"), ("Role", "inpars-launcher"), ("RoleBinding", "inpars-launcher")} <= kinds
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "inpars-runner")
+    assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    role = next(d for d in docs if d["kind"] == "Role")
+    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert rules[("batch", "jobs")] == {"create", "get", "list", "watch", "patch", "delete"}
+    assert rules[("", "pods")] == {"get", "list", "watch"} and rules[("", "pods/log")] == {"get"}
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert secret["metadata"]["name"] == SECRET_NAME
+    assert set(secret["stringData"]) == {"openai-api-key"} and set(secret["stringData"].values()) == {"REPLACE-ME"}
+    # The secret's key name is the one plan.py derives for the default api_key_env.
+    [job] = [j for j in plan_pipeline(variant("openai"), "gs://b/r") if j.secret_env]
+    assert list(job.secret_env.values()) == [(SECRET_NAME, "openai-api-key")]
+
+
+def test_kueue_component_is_separate():
+    docs = k8s_docs("kueue/kueue.yaml")
+    assert {d["kind"] for d in docs} == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
+    assert all(d["apiVersion"].startswith("kueue.x-k8s.io/") for d in docs)
+    local = next(d for d in docs if d["kind"] == "LocalQueue")
+    assert local["metadata"]["namespace"] == "inpars" and local["spec"]["clusterQueue"] in {d["metadata"]["name"] for d in docs}
+    assert k8s_docs("kueue/kustomization.yaml")[0]["resources"] == ["kueue.yaml"]
+
+
+# ---------------------------------------------------------------- the container contract
+
+
+def run_container_locally(manifest: dict, index: int, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a rendered container's command with its env, as the kubelet would for completion ``index``."""
+    c = container(manifest)
+    env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": str(index), **(extra_env or {})}
+    for e in c["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:  # secretKeyRef: the kubelet resolves it from the Secret; here a stand-in value
+            env[e["name"]] = f"<{e['valueFrom']['secretKeyRef']['key']}>"
+    return subprocess.run(c["command"] + c.get("args", []), env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_container_contract_runs_as_a_local_process():
+    probe = (
+        "import json, os, sys; from inpars.launch.k8s import shard_from_env; "
+        "index, count = shard_from_env(); "
+        "print(json.dumps({'shard': index, 'count': count, 'key': os.environ.get('OPENAI_API_KEY'), 'hf': os.environ.get('HF_HOME')})); "
+        f"sys.exit({EXIT_PERMANENT} if index == 3 else 0)"
+    )
+    job = StageJob("generate", 5, [sys.executable, "-c", probe], env={"PYTHONUNBUFFERED": "1"},
+                   secret_env={"OPENAI_API_KEY": (SECRET_NAME, "openai-api-key")})
+    m = render_job(job, run_id="r", namespace="n", image="i", indexes=[0, 3, 4], attempt=1)
+    outputs = [run_container_locally(m, i) for i in range(m["spec"]["completions"])]
+    rows = [json.loads(p.stdout) for p in outputs]
+    assert [r["shard"] for r in rows] == [0, 3, 4] and {r["count"] for r in rows} == {5}
+    assert rows[0]["key"] == "<openai-api-key>" and rows[0]["hf"] == "/scratch/hf"
+    # Shard 3 exits with the permanent code: exactly the code the FailIndex rule matches.
+    codes = [p.returncode for p in outputs]
+    assert codes == [0, EXIT_PERMANENT, 0]
+    assert m["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [codes[1]]
+    # Without the mapping (a first attempt) the completion index is the shard.
+    plain = render_job(job, run_id="r", namespace="n", image="i")
+    assert json.loads(run_container_locally(plain, 2).stdout)["shard"] == 2
+    assert shard_from_env({"JOB_COMPLETION_INDEX": "1", SHARD_INDEXES_ENV: "5,9", SHARD_COUNT_ENV: "10"}) == (9, 10)
+    with pytest.raises(ConfigError):
+        shard_from_env({"JOB_COMPLETION_INDEX": "2", SHARD_INDEXES_ENV: "5,9"})
+
+
+# ---------------------------------------------------------------- images (no Docker engine here: lint)
+
+IMAGES = ROOT / "images"
+PINNED = re.compile(r"^[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_,\-]+\])?==[0-9][A-Za-z0-9.+\-!]*$")
+
+
+def dockerfile_runs(path: Path) -> list[str]:
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda", "tpu"])
+def test_dockerfiles_pin_everything(flavour):
+    path = IMAGES / f"Dockerfile.{flavour}"
+    lines = dockerfile_runs(path)
+    args = {m.group(1): m.group(2) for ln in lines if (m := re.match(r"ARG (\w+)=(\S+)", ln))}
+    base = next(ln for ln in lines if ln.startswith("FROM ")).split()[1]
+    assert ":" in base and not base.endswith(":latest") and re.search(r":\S*\d+\.\d+", base), base
+    installs = []
+    for ln in lines:
+        for cmd in re.split(r"&&|;|\bthen\b", ln):
+            words = shlex.split(cmd.replace("RUN ", " ", 1)) if "pip install" in cmd else []
+            if words[:2] == ["pip", "install"]:
+                installs.append(words[2:])
+    assert installs, "no pip install in " + path.name
+    for words in installs:
+        packages = [w for w in words if not w.startswith("-")]
+        # Values of options (an index URL, a constraints file) are not packages.
+        for opt in ("--index-url", "--extra-index-url", "--constraint", "-c", "-r"):
+            if opt in words:
+                packages.remove(words[words.index(opt) + 1])
+        for pkg in packages:
+            pkg = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], pkg)
+            if pkg == ".":  # the project itself: only under the pinned constraints
+                assert "--constraint" in words, words
+            else:
+                assert PINNED.match(pkg), f"{path.name}: unpinned {pkg!r}"
+    text = path.read_text(encoding="utf-8")
+    assert re.search(r"^USER 1000:1000$", text, re.M)  # non-root, matches runAsUser in the Jobs
+    assert "HOME=/home/inpars" in text and "HF_HOME=/scratch/hf" in text
+    assert 'ENTRYPOINT ["inpars"]' in text
+    assert not re.search(r"huggingface-cli|hf download|snapshot_download|from_pretrained", text)  # no baked downloads
+    torch = re.search(r"torch==(\S+)", text)
+    if flavour == "cpu":
+        assert torch and torch.group(1) == "2.13.0" and "download.pytorch.org/whl/cpu" in text
+    if flavour == "tpu":
+        assert re.search(r"torch_xla\[tpu\]==(\S+?)\"", text).group(1) == torch.group(1)  # must match exactly
+    assert (IMAGES / f"Dockerfile.{flavour}.dockerignore").is_file()
+
+
+def test_constraints_are_pinned_and_cover_the_dependencies():
+    lines = [ln.split("#")[0].strip() for ln in (IMAGES / "constraints.txt").read_text().splitlines()]
+    pins = [ln for ln in lines if ln]
+    assert pins and all(PINNED.match(p) for p in pins), pins
+    pinned = {re.split(r"[=\[]", p)[0].lower().replace("_", "-") for p in pins}
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[; ]", d)[0].lower().replace("_", "-") for d in deps} - {"torch"}
+    assert names <= pinned, f"not pinned in images/constraints.txt: {sorted(names - pinned)}"
+
+
+def test_container_contract_with_the_real_worker(tmp_path):
+    """The rendered command is the real `inpars worker`: the resume mapping and exit code 42 hold."""
+    import shutil
+
+    from inpars.workspace import Run
+
+    if shutil.which("inpars") is None:
+        pytest.skip("the inpars console script is not installed")
+    config = PipelineConfig().override({"generate.shards": 3})
+    run = Run.create(str(tmp_path / "ws"), config, "contract-1")
+    for shard in (0, 2):
+        run.commit_shard("generate", shard, 3, b'{"query": "q", "doc_id": "d"}\n', rows=1)
+    jobs = {j.stage: j for j in plan_pipeline(run.config, run.uri)}
+    # A resume Job for shards 0 and 2 (as if they were missing): completion index 1 -> shard 2.
+    m = render_job(jobs["generate"], run_id=run.run_id, namespace="n", image="i", indexes=[0, 2], attempt=1)
+    for index in range(m["spec"]["completions"]):
+        proc = run_container_locally(m, index)
+        assert proc.returncode == 0, proc.stderr
+        assert "generate: already committed" in proc.stderr  # shard 1 (uncommitted) was never started
+    # filter needs every generate shard: a permanent error, exit 42 = the FailIndex rule's code.
+    f = render_job(jobs["filter"], run_id=run.run_id, namespace="n", image="i")
+    proc = run_container_locally(f, 0)
+    assert proc.returncode == EXIT_PERMANENT == f["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"][0]
+    assert "generate shards 1 of 3" in proc.stderr

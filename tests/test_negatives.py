@@ -1,0 +1,107 @@
+"""BM25 negative mining on the packaged SciFact sample: no positives, ranks, shard-independence, TSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inpars.bm25 import build_index
+from inpars.corpus import Document, read_corpus
+from inpars.errors import InputError
+from inpars.negatives import mine_negatives, write_triples_tsv
+
+SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, Document]:
+    return read_corpus(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def index(docs):
+    return build_index(docs)
+
+
+@pytest.fixture(scope="module")
+def rows(docs) -> list[dict]:
+    # Synthetic "queries": each document's title, as a generator might paraphrase it.
+    out = []
+    for doc in list(docs.values())[:40]:
+        out.append({"query_id": f"{doc.doc_id}-0", "query": doc.title or doc.text[:80], "doc_id": doc.doc_id})
+    return out
+
+
+def test_negatives_are_ranked_bm25_hits_without_the_positive(rows, index):
+    triples = mine_negatives(rows, index, depth=50, n_negatives=3)
+    assert [t["query_id"] for t in triples] == [r["query_id"] for r in rows]
+    for t, row in zip(triples, rows):
+        run = index.search({"q": row["query"]}, k=50)["q"]
+        ranked = [d for d, _ in sorted(run.items(), key=lambda kv: (-kv[1], kv[0]))]
+        assert t["pos_doc_id"] == row["doc_id"]
+        assert t["pos_doc_id"] not in t["neg_doc_ids"]
+        assert len(t["neg_doc_ids"]) == 3 and t["n_missing"] == 0
+        assert t["neg_ranks"] == sorted(t["neg_ranks"])
+        assert [ranked[r - 1] for r in t["neg_ranks"]] == t["neg_doc_ids"]  # ranks are BM25's
+        assert t["pos_rank"] == (ranked.index(row["doc_id"]) + 1 if row["doc_id"] in ranked else None)
+    # Titles are easy queries: the source document is usually BM25's first hit.
+    assert sum(t["pos_rank"] == 1 for t in triples) > len(triples) / 2
+
+
+def test_skip_top(rows, index):
+    for t in mine_negatives(rows, index, depth=30, n_negatives=4, skip_top=5):
+        assert min(t["neg_ranks"]) > 5 and max(t["neg_ranks"]) <= 30
+
+
+def test_same_negatives_whatever_the_shard(rows, index):
+    whole = mine_negatives(rows, index, seed=7)
+    halves = mine_negatives(rows[::2], index, seed=7) + mine_negatives(rows[1::2], index, seed=7)
+    by_id = {t["query_id"]: t for t in halves}
+    assert all(by_id[t["query_id"]] == t for t in whole)
+    other = mine_negatives(rows, index, seed=8)
+    assert any(a["neg_doc_ids"] != b["neg_doc_ids"] for a, b in zip(whole, other))
+
+
+def test_reuses_a_given_run(rows, index):
+    row = rows[0]
+    run = {row["query_id"]: {row["doc_id"]: 9.0, "zz1": 5.0, "zz2": 4.0}}
+    t = mine_negatives([row], index, n_negatives=3, run=run)[0]
+    assert t["neg_doc_ids"] == ["zz1", "zz2"] and t["neg_ranks"] == [2, 3] and t["n_missing"] == 1
+
+
+def test_fewer_candidates_than_wanted():
+    docs = [Document("a", "", "aspirin heart attack"), Document("b", "", "aspirin dose"), Document("c", "", "unrelated words here")]
+    idx = build_index(docs)
+    rows = [{"query_id": "q", "query": "aspirin heart", "doc_id": "a"}, {"query_id": "r", "query": "nothing matches", "doc_id": "c"}]
+    t, u = mine_negatives(rows, idx, n_negatives=5)
+    assert t["neg_doc_ids"] == ["b"] and t["n_missing"] == 4 and t["pos_rank"] == 1
+    assert u["neg_doc_ids"] == [] and u["n_missing"] == 5 and u["pos_rank"] is None
+
+
+def test_bad_rows_name_the_id(rows, index):
+    with pytest.raises(InputError, match="'no-such-doc'"):
+        mine_negatives([*rows[:2], {"query_id": "x-0", "query": "q", "doc_id": "no-such-doc"}], index)
+    with pytest.raises(InputError, match="appears twice"):
+        mine_negatives([rows[0], rows[0]], index)
+    with pytest.raises(InputError, match="query"):
+        mine_negatives([{"query_id": "x", "doc_id": rows[0]["doc_id"]}], index)
+
+
+def test_write_triples_tsv(tmp_path):
+    docs = {
+        "p": Document("p", "Pos\ttitle", "line one\nline two"),
+        "n1": Document("n1", "", "neg\r\none"),
+        "n2": Document("n2", "", "neg two"),
+    }
+    triples = [{"query_id": "q", "query": "a\tquery\n", "pos_doc_id": "p", "neg_doc_ids": ["n1", "n2"], "neg_ranks": [2, 3]},
+               {"query_id": "r", "query": "no negs", "pos_doc_id": "p", "neg_doc_ids": [], "neg_ranks": []}]
+    path = tmp_path / "out" / "triples.tsv"
+    assert write_triples_tsv(triples, docs, path) == 2
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 3
+    assert lines[0].split("\t") == ["a query", "Pos title. line one line two", "neg one"]
+    assert lines[1].split("\t") == ["a query", "Pos title. line one line two", "neg two"]
+    with pytest.raises(InputError, match="'gone'"):
+        write_triples_tsv([dict(triples[0], neg_doc_ids=["gone"])], docs, tmp_path / "bad.tsv")
+    assert not (tmp_path / "bad.tsv").exists()

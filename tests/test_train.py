@@ -1,0 +1,169 @@
+"""Training the three reranker families on real SciFact-sample groups (real MiniLM, tiny random T5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from inpars.config import TrainConfig
+from inpars.corpus import read_corpus, read_qrels, read_queries
+from inpars.errors import ConfigError, InputError
+from inpars.rerank import load_reranker
+from inpars.train import train_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
+
+
+@pytest.fixture(scope="module")
+def sample():
+    docs = read_corpus(SAMPLE)
+    queries = read_queries(SAMPLE)
+    qrels = read_qrels(SAMPLE / "qrels" / "test.tsv")
+    return docs, queries, qrels
+
+
+def make_groups(sample, n: int, n_neg: int = 3, seed: int = 0) -> list[dict]:
+    """Negatives rows: a real query, its judged document, random other documents as negatives."""
+    docs, queries, qrels = sample
+    rng = random.Random(seed)
+    ids = sorted(docs)
+    rows = []
+    for qid in sorted(qrels)[:n]:
+        pos = sorted(qrels[qid])[0]
+        negs = rng.sample([d for d in ids if d not in qrels[qid]], n_neg)
+        rows.append({"query_id": qid, "query": queries[qid], "pos_doc_id": pos, "neg_doc_ids": negs})
+    return rows
+
+
+def tiny_t5(folder: Path, extra_tokens=("true", "false", "yes", "no")) -> str:
+    """A tiny random T5 with ByT5's byte tokenizer (no files needed), saved like any HF model folder.
+
+    Byte-level ByT5 splits "true" into 4 bytes; adding the relevance words as tokens makes them single
+    tokens, as they are in T5's SentencePiece vocabulary.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = ByT5Tokenizer()
+    tok.add_tokens(list(extra_tokens))
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def p_at_1(reranker, rows, docs) -> float:
+    """How often the positive outscores every negative of its group."""
+    hits = 0
+    for row in rows:
+        ids = [row["pos_doc_id"], *row["neg_doc_ids"]]
+        scores = reranker.score([(row["query"], docs[d].contents) for d in ids])
+        hits += scores[0] > max(scores[1:])
+    return hits / len(rows)
+
+
+def test_cross_encoder_lce_learns_and_reloads(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 8)
+    cfg = TrainConfig(model_type="cross-encoder", model="minilm-l6", loss="lce", batch_size=4, max_steps=8,
+                      learning_rate=1e-4, max_length=128, seed=0, dtype="float32")
+    # "Before": the same weights and the same freshly seeded head that training starts from.
+    torch.manual_seed(cfg.seed)
+    before = load_reranker("minilm-l6", model_type="cross-encoder", dtype="float32", max_length=128)
+    p_before = p_at_1(before, rows, docs)
+    seen = []
+    stats = train_model(rows, docs, cfg, tmp_path / "ce", on_progress=lambda s, t, loss: seen.append((s, t, loss)))
+    assert [s for s, _, _ in seen] == list(range(1, 9)) and all(t == 8 for _, t, _ in seen)
+    assert stats["steps"] == 8 and stats["device"] == "cpu" and stats["dtype"] == "float32"
+    curve = stats["loss_curve"]
+    assert curve["window_means"][-1] < curve["window_means"][0]  # the loss goes down
+    meta = json.loads((tmp_path / "ce" / "inpars_model.json").read_text())
+    assert meta["model_type"] == "cross-encoder" and meta["loss"] == "lce" and meta["base_model"] == "minilm-l6"
+    after = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=128)
+    assert after.model_type == "cross-encoder"
+    p_after = p_at_1(after, rows, docs)
+    assert p_after > p_before, (p_before, p_after)
+
+
+def test_monot5_trains_saves_and_scores_log_probs(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 12)
+    base = tiny_t5(tmp_path / "t5-base")
+    for loss in ("bce", "lce"):
+        cfg = TrainConfig(model_type="monot5", model=base, loss=loss, batch_size=4, max_steps=12, max_length=96, seed=0)
+        stats = train_model(rows, docs, cfg, tmp_path / f"t5-{loss}")
+        assert stats["learning_rate"] == 3e-4  # the monoT5 default
+        assert stats["loss_curve"]["window_means"][-1] < stats["loss_curve"]["window_means"][0]
+        rr = load_reranker(str(tmp_path / f"t5-{loss}"), max_length=96)
+        assert rr.model_type == "monot5" and rr.relevance_tokens == ("true", "false")
+        scores = rr.score([(r["query"], docs[d].contents) for r in rows[:4] for d in [r["pos_doc_id"], *r["neg_doc_ids"]]])
+        assert len(scores) == 16 and all(math.isfinite(s) and s <= 0 for s in scores)
+
+
+def test_monot5_flan_style_yes_no(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 4)
+    base = tiny_t5(tmp_path / "t5-base")
+    cfg = TrainConfig(model_type="monot5", model=base, batch_size=2, max_steps=2, max_length=64, relevance_tokens=("yes", "no"))
+    train_model(rows, docs, cfg, tmp_path / "flan")
+    rr = load_reranker(str(tmp_path / "flan"), max_length=64)
+    assert rr.relevance_tokens == ("yes", "no")
+    yes, no = (rr.tokenizer.convert_tokens_to_ids(t) for t in ("yes", "no"))
+    assert rr._relevance_ids == (yes, no)
+    assert all(s <= 0 for s in rr.score([("a query", "a document")]))
+
+
+def test_monot5_multi_token_relevance_word_is_a_config_error(sample, tmp_path):
+    docs = sample[0]
+    base = tiny_t5(tmp_path / "t5-bytes", extra_tokens=())  # plain ByT5: "true" is 4 byte tokens
+    cfg = TrainConfig(model_type="monot5", model=base, max_steps=1)
+    with pytest.raises(ConfigError, match="'true' is 4 tokens"):
+        train_model(make_groups(sample, 2), docs, cfg, tmp_path / "out")
+
+
+def test_monot5_training_is_deterministic_on_cpu(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 8)
+    base = tiny_t5(tmp_path / "t5-base")
+    cfg = TrainConfig(model_type="monot5", model=base, batch_size=3, epochs=2, max_length=64, seed=7)
+    a = train_model(rows, docs, cfg, tmp_path / "a")
+    b = train_model(rows, docs, cfg, tmp_path / "b")
+    assert a["steps"] == 6  # ceil(8 / 3) * 2 epochs
+    assert a["loss_curve"] == b["loss_curve"]
+    c = train_model(rows, docs, TrainConfig(**{**cfg.__dict__, "seed": 8}), tmp_path / "c")
+    assert c["loss_curve"] != a["loss_curve"]
+
+
+def test_bi_encoder_trains_and_scores_by_cosine(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 6, n_neg=1)
+    cfg = TrainConfig(model_type="bi-encoder", model="minilm-l6", batch_size=3, max_steps=2, max_length=128, dtype="float32")
+    stats = train_model(rows, docs, cfg, tmp_path / "bi")
+    assert math.isfinite(stats["final_loss"]) and stats["steps"] == 2
+    meta = json.loads((tmp_path / "bi" / "inpars_model.json").read_text())
+    assert meta["model_type"] == "bi-encoder" and meta["pooling"] == "mean"
+    rr = load_reranker(str(tmp_path / "bi"), dtype="float32", max_length=128)
+    pairs = [(r["query"], docs[d].contents) for r in rows for d in [r["pos_doc_id"], *r["neg_doc_ids"]]]
+    scores = rr.score(pairs)
+    assert all(-1.0001 <= s <= 1.0001 for s in scores)  # cosines
+    # Positives outrank the random negatives (MiniLM is a good retriever already).
+    assert sum(scores[i] > scores[i + 1] for i in range(0, len(scores), 2)) >= 5
+
+
+def test_bad_examples_name_the_id(sample, tmp_path):
+    docs = sample[0]
+    rows = make_groups(sample, 2)
+    rows[1]["neg_doc_ids"] = ["no-such-doc"]
+    with pytest.raises(InputError, match="no-such-doc"):
+        train_model(rows, docs, TrainConfig(max_steps=1), tmp_path / "x")
+    with pytest.raises(ConfigError, match="model_type"):
+        train_model(rows[:1], docs, TrainConfig(model_type="colbert"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="loss"):
+        train_model(rows[:1], docs, TrainConfig(loss="hinge"), tmp_path / "x")
