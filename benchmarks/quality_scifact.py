@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .` (e.g. the GPU machine)
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 DEFAULT_WORK = REPO / "benchmarks" / "results" / "quality_scifact"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "quality_scifact.json"
@@ -279,14 +280,18 @@ class Benchmark:
                     if backend is None:
                         backend = get_backend("transformers", cfg)
                     docs = sample[start : start + chunk]
+                    done_before = generated_docs
+
+                    def progress(n: int, _seed=seed, _start=start) -> None:
+                        rate = (done_before + n) / max(1e-9, time.perf_counter() - started)
+                        print(f"    seed {_seed}: {_start + n}/{len(sample)} docs ({rate:.2f} docs/s)", flush=True)
+
                     part = generate_queries(docs, backend, prompt, max_new_tokens=a.max_new_tokens, max_doc_tokens=256,
                                             max_example_tokens=128, batch_size=a.batch_size, temperature=a.temperature,
-                                            top_p=1.0, seed=seed)
+                                            top_p=1.0, seed=seed, on_progress=progress)
                     write_jsonl(part, path)
                     rows += part
                     generated_docs += len(docs)
-                    rate = generated_docs / (time.perf_counter() - started)
-                    print(f"    seed {seed}: {min(start + chunk, len(sample))}/{len(sample)} docs ({rate:.2f} docs/s)", flush=True)
         finally:
             if backend is not None:
                 backend.close()
@@ -648,13 +653,16 @@ def main(argv: list[str] | None = None) -> int:
               "qrels/test.tsv); pass --data. Nothing to do.", file=sys.stderr)
         return 0
     configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
-    smoke = bool(args.eval_queries and args.eval_queries < FULL_TEST_QUERIES) or bool(args.n_docs and args.n_docs < 5183)
-    label = "SMOKE RUN" if smoke else "FULL RUN"
-    scope = f"{args.n_docs or 'all'} docs generated from, {'%d of %d' % (args.eval_queries, FULL_TEST_QUERIES) if args.eval_queries else 'all %d' % FULL_TEST_QUERIES} test queries"
-    print(f"== quality_scifact: {label} ({scope}) ==", flush=True)
     started = time.perf_counter()
-
     bench = Benchmark(args)
+    n_test = len(bench._test_query_ids())
+    # Anything short of the full corpus, all test queries and depth 100 is a smoke run: say so loudly.
+    smoke = (bool(args.eval_queries and args.eval_queries < n_test) or bool(args.n_docs and args.n_docs < len(bench.docs))
+             or len(bench.docs) != 5183 or n_test != FULL_TEST_QUERIES or args.rerank_depth < 100)
+    label = "SMOKE RUN" if smoke else "FULL RUN"
+    scope = (f"{args.n_docs or 'all'} of {len(bench.docs)} docs generated from, "
+             f"{min(args.eval_queries or n_test, n_test)} of {n_test} test queries, rerank depth {args.rerank_depth}")
+    print(f"== quality_scifact: {label} ({scope}) ==", flush=True)
     fewshot = bench.fewshot_pool()  # built for any prompt: its (train) ids are kept out of evaluation either way
     rows = bench.generate(fewshot)
     from inpars.stages import fewshot_query_ids

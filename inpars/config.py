@@ -174,13 +174,12 @@ class PipelineConfig:
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        f = fields[name]
         sub = _SECTIONS.get(name) if cls is PipelineConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")

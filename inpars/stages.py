@@ -13,11 +13,11 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import corpus as corpus_io
 from .config import PipelineConfig
+from .datasets import Dataset, fetch, resolve_dataset  # noqa: F401  (Dataset re-exported)
 from .errors import ConfigError, InputError
 from .launch.plan import stage_shards
 from .shards import shard_index_from_env, shard_name, take_shard
@@ -25,59 +25,7 @@ from .workspace import Run
 
 log = logging.getLogger("inpars.stages")
 
-BUILTIN_DATA = Path(__file__).parent / "data"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Dataset:
-    """Local paths of a run's inputs (remote ones fetched into a cache first)."""
-
-    corpus: Path
-    queries: Path | None
-    qrels: Path | None
-    fewshot: Path | None
-
-
-def _fetch(uri: str) -> Path:
-    from .storage import fetch_local
-
-    return Path(fetch_local(uri))
-
-
-def resolve_dataset(config: PipelineConfig) -> Dataset:
-    """Where the corpus, evaluation queries/qrels and few-shot pairs of a config live, locally."""
-    data, gen = config.data, config.generate
-    corpus = data.corpus
-    if corpus.startswith("builtin:"):
-        folder = BUILTIN_DATA / corpus.split(":", 1)[1]
-        if not folder.is_dir():
-            known = sorted(p.name for p in BUILTIN_DATA.iterdir() if p.is_dir() and not p.name.startswith("_"))
-            raise ConfigError(f"unknown builtin corpus {corpus!r}; known: {known}")
-        corpus = str(folder)
-    is_beir_dir = not corpus.rstrip("/").endswith((".jsonl", ".json", ".tsv", ".csv"))
-    if corpus.startswith("gs://") and is_beir_dir:
-        base = corpus.rstrip("/")
-        corpus_path = _fetch(f"{base}/corpus.jsonl")
-        queries = data.queries or f"{base}/queries.jsonl"
-        qrels = data.qrels or f"{base}/qrels/test.tsv"
-    else:
-        corpus_path = _fetch(corpus)
-        folder = corpus_path if corpus_path.is_dir() else None
-        queries = data.queries or (str(folder / "queries.jsonl") if folder and (folder / "queries.jsonl").exists() else None)
-        qrels = data.qrels or (str(folder / "qrels" / "test.tsv") if folder and (folder / "qrels" / "test.tsv").exists() else None)
-    fewshot = gen.fewshot_file
-    if fewshot is None and gen.prompt.startswith("promptagator") and data.corpus.startswith("builtin:"):
-        fewshot = str(BUILTIN_DATA / data.corpus.split(":", 1)[1] / "fewshot.jsonl")
-    return Dataset(
-        corpus=corpus_path,
-        queries=_fetch(queries) if queries else None,
-        qrels=_fetch(qrels) if qrels else None,
-        fewshot=_fetch(fewshot) if fewshot else None,
-    )
-
+FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
 
 def _jsonl_bytes(rows) -> bytes:
     return "".join(corpus_io.dumps_row(r) for r in rows).encode("utf-8")
@@ -121,6 +69,7 @@ def generate_worker(run: Run, index: int, count: int) -> None:
     from .backends import get_backend
     from .generate import generate_queries, sample_documents
     from .prompts import load_prompt
+    from .usage import BudgetExceeded
     from .workspace import checkpointed_map
 
     cfg = run.config.generate
@@ -140,7 +89,16 @@ def generate_worker(run: Run, index: int, count: int) -> None:
             )
 
         checkpoint = run.checkpoint("generate", index, count)
-        rows = checkpointed_map(mine, generate_chunk, checkpoint, cfg.checkpoint_every, on_progress=_progress("generate", len(mine)))
+        try:
+            rows = checkpointed_map(mine, generate_chunk, checkpoint, cfg.checkpoint_every, on_progress=_progress("generate", len(mine)))
+        except BudgetExceeded as e:
+            # A clean stop: every finished chunk is checkpointed; only the unfinished chunk's
+            # requests (at most generate.checkpoint_every documents) are made again on resume.
+            done = sum(len(c) for c in checkpoint.load())
+            raise BudgetExceeded(
+                f"generate shard {index}/{count}: the budget of ${cfg.budget_usd} was reached after {done} of {len(mine)} "
+                f"documents (checkpointed); raise generate.budget_usd and run `inpars-launch resume`"
+            ) from None
     finally:
         backend.close()
     usage = {
@@ -258,9 +216,10 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
     mine = dict(take_shard(list(queries.items()), index, count))
     docs = corpus_io.read_corpus(ds.corpus)
     if cfg.first_stage == "bm25":
-        first = _bm25(config, docs).search(mine, cfg.depth) if mine else {}
+        # Retrieve deeper than we rerank, so recall measures (R@100, R@1000) stay meaningful.
+        first = _bm25(config, docs).search(mine, max(cfg.depth, FIRST_STAGE_DEPTH)) if mine else {}
     else:
-        given = corpus_io.read_run(_fetch(cfg.first_stage))
+        given = corpus_io.read_run(fetch(cfg.first_stage))
         first = {q: given[q] for q in mine if q in given}
     fusion = json.loads(run.get_file("train", "fusion.json"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,9 +229,28 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
     name = shard_name(index, count, "trec")
     run.put_file("rerank", f"firststage-{name}", corpus_io.format_run(first, "firststage").encode())
     if fusion.get("weight") is not None:
-        fused = fuse_runs(first, reranked, fusion["weight"])
+        head = {q: {d: first[q][d] for d in reranked[q]} for q in reranked}
+        fused = with_tail(fuse_runs(head, reranked, fusion["weight"]), first)
         run.put_file("rerank", f"fused-{name}", corpus_io.format_run(fused, "fused").encode())
+    reranked = with_tail(reranked, first)
     run.commit_shard("rerank", index, count, corpus_io.format_run(reranked, "reranked").encode(), ext="trec", stats={"rows": len(mine)})
+
+
+def with_tail(head: dict[str, dict[str, float]], first: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The reranked top of each query, then the first stage's remaining documents in their order.
+
+    The tail is scored strictly below the head, so the reranked order is kept and the run is as deep
+    as the first stage (recall at 100 or 1000 compares like with like).
+    """
+    out = {}
+    for q, first_scores in first.items():
+        top = dict(head.get(q, {}))
+        floor = min(top.values(), default=0.0) - 1.0
+        rest = sorted((d for d in first_scores if d not in top), key=lambda d: (-first_scores[d], d))
+        for rank, d in enumerate(rest):
+            top[d] = floor - rank * 1e-3
+        out[q] = top
+    return out
 
 
 def _read_trec_shards(run: Run, stage: str, prefix: str, count: int) -> dict | None:

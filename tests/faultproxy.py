@@ -11,6 +11,7 @@ forwards it or injects a fault, counting what it did:
 Draws are taken in arrival order, one per completion request, so the number of faults a run meets
 is fixed by the seed and the number of prompts. ``mode="401"`` / ``"404"`` answers every completion
 request with that status (the 401 body echoes the Authorization header, like a careless server).
+``delay_s`` delays every forwarded completion request (an emulated network round trip).
 ``upstream_ok`` counts the server's successful answers per prompt: a prompt answered twice was
 requested again after a success. Other requests (``/v1/models``, tokenize) pass through unchanged.
 """
@@ -38,11 +39,12 @@ class FaultProxy:
         rates: dict[str, float] | None = None,
         mode: str | None = None,
         stall_s: float = 3.0,
+        delay_s: float = 0.0,
     ):
         rates = dict(rates or {})
         assert set(rates) <= set(FAULTS) and sum(rates.values()) < 1.0, rates
         self.upstream = upstream.rstrip("/")
-        self.rates, self.mode, self.stall_s = rates, mode, stall_s
+        self.rates, self.mode, self.stall_s, self.delay_s = rates, mode, stall_s, delay_s
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.faults: Counter = Counter()  # kind -> times injected
@@ -54,7 +56,7 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self):
         self.thread.start()
         return self
 
@@ -135,6 +137,8 @@ def _handler(proxy: FaultProxy):
                     time.sleep(proxy.stall_s)
                 self.close_connection = True  # no answer at all: the client sees a dropped connection
                 return
+            if proxy.delay_s:
+                time.sleep(proxy.delay_s)  # an emulated network round trip
             r = self._forward("POST", body)
             if r.status_code == 200:
                 with proxy.lock:

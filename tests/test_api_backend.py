@@ -27,14 +27,20 @@ from inpars.errors import ConfigError, TransientError
 from inpars.usage import BudgetExceeded, BudgetGuard, PriceTable, Usage, estimate_cost
 
 sys.path.insert(0, str(Path(__file__).parent))
-from faultproxy import FaultProxy  # noqa: E402
+from faultproxy import FaultProxy
 
 KEY_ENV = "INPARS_TEST_API_KEY"
 SERVER_KEY = "sk-inpars-test-4f9a1c77e2"  # the key the server accepts
 WRONG_KEY = "sk-WRONG-9d8e7f6a5b4c3d2e1f"  # a key the server rejects; must never leak
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample" / "corpus.jsonl"
-TEMPLATE = "Document: Aspirin lowers fever by blocking COX enzymes.\nQuery: how does aspirin reduce fever\n\nDocument: {doc}\nQuery:"
+TEMPLATE = (
+    "Example 1:\nDocument: Aspirin lowers fever and pain by blocking COX enzymes.\nRelevant Query: how does aspirin reduce fever\n\n"
+    "Example 2:\nDocument: {doc}\nRelevant Query:"
+)
 N_DOCS = 4
+# One server thread: on a shared 2-core machine, llama.cpp's 2 threads stall each other at every
+# barrier when a core is taken (measured: 0.2 s requests taking 10-50 s); one thread stays ~0.7 s.
+THREADS = os.environ.get("INPARS_TEST_LLAMA_THREADS", "1")
 NEW = 16  # max_new_tokens: the tests' queries are short; the machine is small and shared
 
 
@@ -46,7 +52,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
-    """``python -m llama_cpp.server`` on a free loopback port (2 threads, n_ctx 1024), key-protected."""
+    """``python -m llama_cpp.server`` on a free loopback port (THREADS threads, n_ctx 1024), key-protected."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] not installed")
     from inpars.models import resolve_model
 
@@ -61,7 +67,7 @@ def llama_server(tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(Path(source.name_or_path) / source.gguf_file),
              "--model_alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
-             "--n_threads", "2", "--n_threads_batch", "2", "--logits_all", "true", "--verbose", "false",
+             "--n_threads", THREADS, "--n_threads_batch", THREADS, "--logits_all", "true", "--verbose", "false",
              "--api_key", SERVER_KEY],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -299,6 +305,9 @@ def test_budget_stops_cleanly_before_exceeding(llama_server, prompts, reference,
     assert spent + worst[len(done)] > budget  # it stopped because the next one might not fit
     assert backend.usage.requests == len(done) and info.value.usage.requests == len(done)
     assert backend.budget.reserved == pytest.approx(0.0)
+    summary = backend.usage_summary()
+    assert summary["requests"] == len(done) and summary["cost_usd"] == pytest.approx(spent, abs=1e-6)
+    assert summary["budget_usd"] == budget and "smollm2-135m" == summary["model"]
 
 
 def test_budget_guard_units():
@@ -356,6 +365,34 @@ def test_repr_and_errors_hide_key(monkeypatch):
     config = GenerateConfig(backend="openai", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
     assert WRONG_KEY not in repr(config)
     assert OpenAIBackend.from_config(config).model == "smollm2-135m"
+
+
+# ---------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_agrees_with_transformers_backend(llama_server, prompts, reference, record_property):
+    """Same GGUF, same prompts, greedy: llama.cpp (Q4_1 kernels) vs transformers (dequantized fp32)."""
+    module = pytest.importorskip("inpars.backends.transformers_backend")
+    local = module.TransformersBackend("smollm2-135m", dtype="float32", device="cpu", batch_size=len(prompts))
+    try:
+        rows = local.generate(prompts, max_new_tokens=NEW)
+    finally:
+        local.close()
+    agreement = sum(a.text == b.text for a, b in zip(reference, rows)) / len(rows)
+    deltas = []
+    for a, b in zip(reference, rows):
+        for ta, tb, va, vb in zip(a.tokens, b.tokens, a.log_probs, b.log_probs):
+            if ta != tb.replace("\u0120", " "):  # byte-level BPE spells a leading space as "Ġ"
+                break  # past the first differing token the contexts differ
+            deltas.append(abs(va - vb))
+    mean_delta = sum(deltas) / len(deltas)
+    record_property("text_agreement", agreement)
+    record_property("mean_abs_delta_logprob", mean_delta)
+    print(f"llama.cpp vs transformers: {agreement:.0%} same queries, mean |Δ log-prob| {mean_delta:.4f} over {len(deltas)} tokens")
+    assert agreement >= 0.5
+    assert len(deltas) >= 10 and mean_delta < 0.15
 
 
 # ---------------------------------------------------------------------------- vLLM

@@ -35,7 +35,7 @@ def test_inpars_prompt_is_the_original_text():
     assert "The Canadian Armed Forces. 1  The first large-scale" in pt.text
     assert pt.text.endswith("Example 4:\nDocument: A title. Some text with a newline.\nRelevant Query:")
     assert pt.text.startswith(pt.prefix) and pt.prefix.endswith("Example 4:\nDocument: ")
-    assert [e["query"] for e in pt.fewshot_examples][0] == "Is a little caffeine ok during pregnancy?"
+    assert pt.fewshot_examples[0]["query"] == "Is a little caffeine ok during pregnancy?"
     assert all(e["doc_id"] is None for e in pt.fewshot_examples)
 
 

@@ -52,11 +52,21 @@ def tiny_t5(folder: Path, extra_tokens=("true", "false", "yes", "no")) -> str:
     tok.add_tokens(list(extra_tokens))
     config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                       num_heads=4, decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+                      eos_token_id=tok.eos_token_id, dropout_rate=0.0)
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def group_loss(reranker, rows, docs) -> float:
+    """Mean listwise loss (-log softmax of the positive's score in its group), dropout off."""
+    total = 0.0
+    for row in rows:
+        ids = [row["pos_doc_id"], *row["neg_doc_ids"]]
+        scores = torch.tensor(reranker.score([(row["query"], docs[d].contents) for d in ids]))
+        total -= torch.log_softmax(scores, 0)[0].item()
+    return total / len(rows)
 
 
 def p_at_1(reranker, rows, docs) -> float:
@@ -69,42 +79,47 @@ def p_at_1(reranker, rows, docs) -> float:
     return hits / len(rows)
 
 
+@pytest.mark.slow  # ~60 s of CPU: three MiniLM loads, six training steps, two scoring passes
 def test_cross_encoder_lce_learns_and_reloads(sample, tmp_path):
     docs = sample[0]
-    rows = make_groups(sample, 8)
-    cfg = TrainConfig(model_type="cross-encoder", model="minilm-l6", loss="lce", batch_size=4, max_steps=8,
-                      learning_rate=1e-4, max_length=128, seed=0, dtype="float32")
+    rows = make_groups(sample, 6, n_neg=2)
+    cfg = TrainConfig(model_type="cross-encoder", model="minilm-l6", loss="lce", batch_size=3, max_steps=6,
+                      learning_rate=2e-4, max_length=96, seed=0)
     # "Before": the same weights and the same freshly seeded head that training starts from.
     torch.manual_seed(cfg.seed)
-    before = load_reranker("minilm-l6", model_type="cross-encoder", dtype="float32", max_length=128)
-    p_before = p_at_1(before, rows, docs)
+    before = load_reranker("minilm-l6", model_type="cross-encoder", max_length=96)
+    loss_before, p_before = group_loss(before, rows, docs), p_at_1(before, rows, docs)
     seen = []
     stats = train_model(rows, docs, cfg, tmp_path / "ce", on_progress=lambda s, t, loss: seen.append((s, t, loss)))
-    assert [s for s, _, _ in seen] == list(range(1, 9)) and all(t == 8 for _, t, _ in seen)
-    assert stats["steps"] == 8 and stats["device"] == "cpu" and stats["dtype"] == "float32"
-    curve = stats["loss_curve"]
-    assert curve["window_means"][-1] < curve["window_means"][0]  # the loss goes down
+    assert [s for s, _, _ in seen] == list(range(1, 7)) and all(t == 6 for _, t, _ in seen)
+    assert stats["steps"] == 6 and stats["device"] == "cpu" and stats["epochs"] == 3
     meta = json.loads((tmp_path / "ce" / "inpars_model.json").read_text())
     assert meta["model_type"] == "cross-encoder" and meta["loss"] == "lce" and meta["base_model"] == "minilm-l6"
-    after = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=128)
+    after = load_reranker(str(tmp_path / "ce"), max_length=96)
     assert after.model_type == "cross-encoder"
-    p_after = p_at_1(after, rows, docs)
-    assert p_after > p_before, (p_before, p_after)
+    # The positive takes a larger share of its group, and wins its group at least as often.
+    assert group_loss(after, rows, docs) < loss_before
+    assert p_at_1(after, rows, docs) >= p_before
 
 
 def test_monot5_trains_saves_and_scores_log_probs(sample, tmp_path):
     docs = sample[0]
-    rows = make_groups(sample, 12)
+    rows = make_groups(sample, 4, n_neg=1)
     base = tiny_t5(tmp_path / "t5-base")
+    before = group_loss(load_reranker(base, dtype="float32", max_length=128), rows, docs)
     for loss in ("bce", "lce"):
-        cfg = TrainConfig(model_type="monot5", model=base, loss=loss, batch_size=4, max_steps=12, max_length=96, seed=0)
+        cfg = TrainConfig(model_type="monot5", model=base, loss=loss, batch_size=4, max_steps=8, max_length=128,
+                          seed=0, dtype="float32", learning_rate=None if loss == "bce" else 3e-3)
         stats = train_model(rows, docs, cfg, tmp_path / f"t5-{loss}")
-        assert stats["learning_rate"] == 3e-4  # the monoT5 default
-        assert stats["loss_curve"]["window_means"][-1] < stats["loss_curve"]["window_means"][0]
-        rr = load_reranker(str(tmp_path / f"t5-{loss}"), max_length=96)
+        assert stats["learning_rate"] == (3e-4 if loss == "bce" else 3e-3)  # 3e-4: the monoT5 default
+        rr = load_reranker(str(tmp_path / f"t5-{loss}"), dtype="float32", max_length=128)
         assert rr.model_type == "monot5" and rr.relevance_tokens == ("true", "false")
-        scores = rr.score([(r["query"], docs[d].contents) for r in rows[:4] for d in [r["pos_doc_id"], *r["neg_doc_ids"]]])
-        assert len(scores) == 16 and all(math.isfinite(s) and s <= 0 for s in scores)
+        if loss == "bce":  # the target-token cross-entropy goes down
+            assert stats["loss_curve"]["last"] < stats["loss_curve"]["first"]
+        else:  # the positives' share of their groups goes up
+            assert group_loss(rr, rows, docs) < before
+        scores = rr.score([(r["query"], docs[d].contents) for r in rows for d in [r["pos_doc_id"], *r["neg_doc_ids"]]])
+        assert len(scores) == 8 and all(math.isfinite(s) and s <= 0 for s in scores)
 
 
 def test_monot5_flan_style_yes_no(sample, tmp_path):
@@ -132,7 +147,7 @@ def test_monot5_training_is_deterministic_on_cpu(sample, tmp_path):
     docs = sample[0]
     rows = make_groups(sample, 8)
     base = tiny_t5(tmp_path / "t5-base")
-    cfg = TrainConfig(model_type="monot5", model=base, batch_size=3, epochs=2, max_length=64, seed=7)
+    cfg = TrainConfig(model_type="monot5", model=base, batch_size=3, epochs=2, max_length=48, seed=7, dtype="float32")
     a = train_model(rows, docs, cfg, tmp_path / "a")
     b = train_model(rows, docs, cfg, tmp_path / "b")
     assert a["steps"] == 6  # ceil(8 / 3) * 2 epochs
@@ -144,12 +159,12 @@ def test_monot5_training_is_deterministic_on_cpu(sample, tmp_path):
 def test_bi_encoder_trains_and_scores_by_cosine(sample, tmp_path):
     docs = sample[0]
     rows = make_groups(sample, 6, n_neg=1)
-    cfg = TrainConfig(model_type="bi-encoder", model="minilm-l6", batch_size=3, max_steps=2, max_length=128, dtype="float32")
+    cfg = TrainConfig(model_type="bi-encoder", model="minilm-l6", batch_size=3, max_steps=2, max_length=64)
     stats = train_model(rows, docs, cfg, tmp_path / "bi")
     assert math.isfinite(stats["final_loss"]) and stats["steps"] == 2
     meta = json.loads((tmp_path / "bi" / "inpars_model.json").read_text())
     assert meta["model_type"] == "bi-encoder" and meta["pooling"] == "mean"
-    rr = load_reranker(str(tmp_path / "bi"), dtype="float32", max_length=128)
+    rr = load_reranker(str(tmp_path / "bi"), max_length=64)
     pairs = [(r["query"], docs[d].contents) for r in rows for d in [r["pos_doc_id"], *r["neg_doc_ids"]]]
     scores = rr.score(pairs)
     assert all(-1.0001 <= s <= 1.0001 for s in scores)  # cosines

@@ -71,6 +71,8 @@ class OpenAIBackend(GenerationBackend):
             raise ConfigError(f"generate.request_timeout must be > 0, got {request_timeout}")
         self.model = model
         self.base_url = (base_url or OPENAI_BASE_URL).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"generate.base_url must start with http:// or https://, got {self.base_url!r}")
         self.api_key_env = api_key_env
         self.chat = chat
         self.concurrency = concurrency
@@ -120,6 +122,21 @@ class OpenAIBackend(GenerationBackend):
     def cost_usd(self) -> float:
         """What the answered requests cost so far, at :attr:`prices` (0 for unknown prices)."""
         return self.budget.spent
+
+    def usage_summary(self) -> dict[str, Any]:
+        """What this backend spent (all calls): tokens, requests, retries by kind, errors, USD.
+
+        The generate worker writes it into the shard's marker (``stats["api"]``) and the run summary.
+        """
+        summary = self.usage.to_dict()
+        summary.update(
+            model=self.model,
+            base_url=self.base_url,
+            cost_usd=round(self.budget.spent, 6) if self.prices is not None else None,
+            prices_per_1m=None if self.prices is None else {"prompt": self.prices.prompt, "completion": self.prices.completion},
+            budget_usd=self.budget.budget_usd,
+        )
+        return summary
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -255,9 +272,12 @@ class OpenAIBackend(GenerationBackend):
         try:
             data = await self._post_with_retries(client, payload)
             generation = self._parse(data)
-        except BaseException:
+        except BaseException as e:
+            # A cancelled request (another one failed) may still be billed; the worst-case
+            # reservations are what keeps the budget safe despite such unseen spend.
             self.budget.release(reservation)
-            self.usage.errors += 1
+            if not isinstance(e, asyncio.CancelledError):
+                self.usage.errors += 1
             raise
         self.budget.settle(reservation, generation.prompt_tokens, generation.completion_tokens)
         self.usage.prompt_tokens += generation.prompt_tokens
@@ -354,15 +374,15 @@ class OpenAIBackend(GenerationBackend):
         return text.replace(self._secret, "***") if self._secret else text
 
     def _body(self, response: httpx.Response, limit: int = 300) -> str:
-        try:
-            body = response.text
-        except Exception:  # pragma: no cover - undecodable body
-            body = ""
+        body = response.text  # httpx decodes with errors="replace": never raises
         return self._scrub(" ".join(body.split()))[:limit] or "(empty body)"
 
     async def _budget_tokens(self, prompt: str) -> int:
         """Prompt tokens to book for the budget: exact where a tokenizer is at hand, else a
-        deliberately high estimate (1 token per 2 UTF-8 bytes, about twice the usual English rate)."""
+        deliberately high estimate (1 token per 2 UTF-8 bytes, about twice the usual English rate).
+
+        Only paid runs count (free prices skip this); note that llama-cpp-python's server tokenizes
+        under the same lock as it generates, so there counting waits for the request in progress."""
         if self.budget.budget_usd is None or self.prices is None or self.prices.is_free:
             return 0
         tokenizer = await asyncio.to_thread(self._get_tokenizer)
@@ -387,7 +407,7 @@ class OpenAIBackend(GenerationBackend):
         """The first of: the server's own tokenize/detokenize endpoints (exact for the served
         model), a configured local HF tokenizer, or ~4 characters per token (an approximation)."""
         if self._tokenizer is None:
-            root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+            root = self.base_url.removesuffix("/v1")
             self._tokenizer = (
                 _ServerTokenizer.probe(root, self.model, self._headers, self.request_timeout)
                 or _HFTokenizer.load(self._tokenizer_name)

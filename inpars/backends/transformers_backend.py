@@ -167,7 +167,6 @@ class TransformersBackend(GenerationBackend):
         batch_size: int = 16,
         prefix_cache: bool = True,
     ):
-        import torch
 
         self.source = resolve_model(model)
         self.device = resolve_device(device)
@@ -430,16 +429,23 @@ def _generator(seed: int, prompt: str):
 
 
 def _sample(logits, temperature: float, top_p: float, generators) -> torch.Tensor:
-    """Nucleus sampling, one row at a time with that row's own generator."""
+    """Nucleus sampling: batched sort, then one draw per row with that row's own generator."""
     import torch
 
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        keep = (probs.cumsum(-1) - probs) < top_p  # the smallest set reaching top_p
+        k = int(keep.sum(-1).max())
+        probs, order = probs[:, :k] * keep[:, :k], order[:, :k]
+    else:
+        order = None
+    # Inverse-CDF draw with one uniform per row: the pick depends only on that row's distribution and
+    # generator, not on how many candidates other rows of the batch kept.
+    cdf = probs.double().cpu().cumsum(-1)
     picks = []
-    for row, gen in zip(logits.cpu(), generators):
-        probs = torch.softmax(row / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            cum = sorted_p.cumsum(-1)
-            sorted_p[(cum - sorted_p) >= top_p] = 0.0  # keep the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        picks.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return torch.tensor(picks, device=logits.device)
+    for row, gen in zip(cdf, generators):
+        u = float(torch.rand(1, generator=gen, dtype=torch.float64)) * float(row[-1])
+        picks.append(min(int(torch.searchsorted(row, torch.tensor([u], dtype=torch.float64), right=True)), len(row) - 1))
+    idx = torch.tensor(picks, device=logits.device)
+    return idx if order is None else order.gather(1, idx[:, None])[:, 0]

@@ -77,6 +77,8 @@ def run(
     from ..workspace import Run
 
     cfg = build_config(config, set_)
+    if backend == "k8s" and not workspace.startswith("gs://"):
+        raise InParsError("--backend k8s needs a workspace the pods can reach: --workspace gs://bucket/prefix")
     if dry_run:
         if backend != "k8s":
             raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
@@ -112,7 +114,8 @@ def print_summary(run_, seconds: float | None = None) -> None:
     if run_.shard_done("evaluate", 0, 1):
         result = json.loads(run_.read_shard("evaluate", 0, 1, "json"))
         table = Table(title=f"{run_.config.data.name}: {len(next(iter(result['systems'].values()))['per_query'].get('nDCG@10', {}))} queries")
-        measures = list(next(iter(result["systems"].values()))["aggregate"])
+        present = next(iter(result["systems"].values()))["aggregate"]
+        measures = [m for m in run_.config.evaluate.measures if m in present] + sorted(set(present) - set(run_.config.evaluate.measures))
         table.add_column("system")
         for m in measures:
             table.add_column(m, justify="right")

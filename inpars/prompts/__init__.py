@@ -211,4 +211,4 @@ def read_fewshot(path: str) -> list[FewShotExample]:
     return examples
 
 
-__all__ = ["Prompt", "PromptText", "FewShotExample", "known_prompts", "load_prompt", "read_fewshot"]
+__all__ = ["FewShotExample", "Prompt", "PromptText", "known_prompts", "load_prompt", "read_fewshot"]

@@ -1,0 +1,148 @@
+"""Benchmark: documents/s through the OpenAI-compatible backend at concurrency 1 vs 8.
+
+Starts a llama.cpp server itself (llama-cpp-python[server], the packaged SmolLM2 GGUF, 2 threads on
+loopback), builds InPars-style prompts for the first ``--n-docs`` sample documents and times greedy
+generation of the same prompts at each concurrency, in one run. Writes JSON.
+
+Note: llama-cpp-python's server has ONE model instance and serves one request at a time (it has no
+parallel slots, unlike llama.cpp's C++ ``llama-server --parallel N`` or vLLM), so against it a higher
+client concurrency can only overlap HTTP/JSON work; the ratio is expected to be ~1. ``--latency-ms``
+adds a fixed delay per request through a loopback proxy (tests/faultproxy.py), a stand-in for a
+remote API's network round trip, which is what client concurrency hides.
+
+    python benchmarks/api_concurrency.py [--n-docs 16] [--concurrency 1 8] [--latency-ms 0] [--repeat 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_ENV = "INPARS_BENCH_API_KEY"
+TEMPLATE = (
+    "Example 1:\nDocument: Aspirin lowers fever and pain by blocking COX enzymes.\nRelevant Query: how does aspirin reduce fever\n\n"
+    "Example 2:\nDocument: {doc}\nRelevant Query:"
+)
+
+
+def start_server(threads: int, n_ctx: int) -> tuple[subprocess.Popen, str, Path]:
+    from inpars.models import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = Path(tempfile.mkdtemp(prefix="llama-bench-")) / "server.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(Path(source.name_or_path) / source.gguf_file),
+             "--model_alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
+             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--logits_all", "true", "--verbose", "false"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama.cpp server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("llama.cpp server did not start within 180 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-docs", type=int, default=16)
+    parser.add_argument("--doc-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=1, help="server threads (2 stalls badly on a busy 2-core machine)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per concurrency (order alternates)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="extra delay per request (emulated network)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "api_concurrency.json"))
+    args = parser.parse_args()
+
+    from inpars.backends.openai_api import OpenAIBackend
+    from inpars.corpus import read_corpus
+
+    os.environ[KEY_ENV] = "unused"  # the local server checks no key
+    proc, url, _log = start_server(args.threads, n_ctx=1024)
+    try:
+        base = url
+        proxy = None
+        if args.latency_ms > 0:
+            sys.path.insert(0, str(REPO / "tests"))
+            from faultproxy import FaultProxy
+
+            proxy = FaultProxy(url, delay_s=args.latency_ms / 1000.0).__enter__()
+            base = proxy.url
+        docs = list(read_corpus(REPO / "inpars" / "data" / "scifact-sample" / "corpus.jsonl").values())[: args.n_docs]
+        backend = OpenAIBackend("smollm2-135m", base_url=f"{url}/v1", api_key_env=KEY_ENV)
+        prompts = [TEMPLATE.format(doc=backend.truncate(d.contents, args.doc_tokens)) for d in docs]
+        backend.generate(prompts[:1], max_new_tokens=args.max_new_tokens)  # warm-up (loads caches)
+        runs, texts = [], {}
+        # Alternate the order across repeats so that a change in machine load hits both settings.
+        order = [c for r in range(args.repeat) for c in (args.concurrency if r % 2 == 0 else args.concurrency[::-1])]
+        for c in order:
+            b = OpenAIBackend("smollm2-135m", base_url=f"{base}/v1", api_key_env=KEY_ENV, concurrency=c)
+            start = time.perf_counter()
+            rows = b.generate(prompts, max_new_tokens=args.max_new_tokens)
+            seconds = time.perf_counter() - start
+            texts[c] = [r.text for r in rows]
+            runs.append({
+                "concurrency": c, "seconds": round(seconds, 3), "docs_per_s": round(len(prompts) / seconds, 4),
+                "completion_tokens": b.usage.completion_tokens, "prompt_tokens": b.usage.prompt_tokens,
+                "retries": b.usage.total_retries,
+            })  # fmt: skip
+            print(f"concurrency {c}: {len(prompts)} docs in {seconds:.2f} s = {len(prompts) / seconds:.3f} docs/s", flush=True)
+        if proxy is not None:
+            proxy.__exit__(None, None, None)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    median = {}
+    for c in args.concurrency:
+        rates = sorted(r["docs_per_s"] for r in runs if r["concurrency"] == c)
+        median[c] = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1 : len(rates) // 2 + 1]) / 2
+    lo, hi = args.concurrency[0], args.concurrency[-1]
+    same = sum(a == b for a, b in zip(texts[lo], texts[hi]))
+    result = {
+        "benchmark": "api_concurrency",
+        "server": "llama-cpp-python[server] (one request at a time: no parallel slots)",
+        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF)",
+        "server_threads": args.threads,
+        "n_docs": len(prompts),
+        "doc_tokens": args.doc_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "latency_ms": args.latency_ms,
+        "runs": runs,
+        "median_docs_per_s": {str(c): round(v, 4) for c, v in median.items()},
+        "speedup": round(median[hi] / median[lo], 3),
+        "same_queries": f"{same}/{len(prompts)}",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+    }
+    print(f"speedup {hi} vs {lo}: {result['speedup']}x (median docs/s); same queries {result['same_queries']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

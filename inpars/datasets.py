@@ -1,0 +1,105 @@
+"""Where a run's data comes from: the embedded sample, a local path, ``gs://``, or ir_datasets.
+
+Every source ends up as local files in BEIR layout (``corpus.jsonl``, ``queries.jsonl``,
+``qrels/test.tsv``), which :mod:`inpars.corpus` reads; remote ones are fetched into a cache first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PipelineConfig
+from .errors import ConfigError
+
+BUILTIN_DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class Dataset:
+    """Local paths of a run's inputs."""
+
+    corpus: Path
+    queries: Path | None
+    qrels: Path | None
+    fewshot: Path | None
+
+
+def fetch(uri: str) -> Path:
+    """A local path for ``uri`` (a gs:// file or folder is downloaded into the cache)."""
+    from .storage import fetch_local
+
+    return Path(fetch_local(uri))
+
+
+def builtin_folder(name: str) -> Path:
+    folder = BUILTIN_DATA / name
+    if not folder.is_dir():
+        known = sorted(p.name for p in BUILTIN_DATA.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        raise ConfigError(f"unknown builtin corpus {name!r}; known: {known}")
+    return folder
+
+
+def irds_folder(dataset_id: str) -> Path:
+    """Export an ir_datasets dataset (e.g. ``beir/scifact/test``) to a cached BEIR folder.
+
+    ir_datasets downloads the data itself on first use: an explicit choice of the user, never the default.
+    """
+    try:
+        import ir_datasets
+    except ImportError:
+        raise ConfigError(f"corpus 'irds:{dataset_id}' needs `pip install ir_datasets`, or give a BEIR folder") from None
+    from .storage import cache_root
+
+    out = Path(cache_root()) / "irds" / dataset_id.replace("/", "__")
+    done = out / ".complete"
+    if done.exists():
+        return out
+    try:
+        ds = ir_datasets.load(dataset_id)
+    except KeyError:
+        raise ConfigError(f"ir_datasets knows no dataset {dataset_id!r}") from None
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for doc in ds.docs_iter():
+            title = getattr(doc, "title", "") or ""
+            text = getattr(doc, "text", None) or getattr(doc, "body", "") or ""
+            f.write(json.dumps({"_id": doc.doc_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
+    if ds.has_queries():
+        with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+            for q in ds.queries_iter():
+                f.write(json.dumps({"_id": q.query_id, "text": q.text}, ensure_ascii=False) + "\n")
+    if ds.has_qrels():
+        with open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for qr in ds.qrels_iter():
+                f.write(f"{qr.query_id}\t{qr.doc_id}\t{qr.relevance}\n")
+    done.touch()
+    return out
+
+
+def resolve_dataset(config: PipelineConfig) -> Dataset:
+    """Local paths of the corpus, evaluation queries/qrels and few-shot pairs of a run's config."""
+    data, gen = config.data, config.generate
+    source = data.corpus
+    if source.startswith("builtin:"):
+        corpus = builtin_folder(source.split(":", 1)[1])
+    elif source.startswith("irds:"):
+        corpus = irds_folder(source.split(":", 1)[1])
+    else:
+        corpus = fetch(source)
+    folder = corpus if corpus.is_dir() else None
+
+    def beside(rel: str) -> Path | None:
+        return folder / rel if folder and (folder / rel).exists() else None
+
+    fewshot = gen.fewshot_file
+    if fewshot is None and gen.prompt.startswith("promptagator") and folder and (folder / "fewshot.jsonl").exists():
+        fewshot = str(folder / "fewshot.jsonl")  # a few-shot pool shipped beside the corpus (the sample has one)
+    return Dataset(
+        corpus=corpus,
+        queries=fetch(data.queries) if data.queries else beside("queries.jsonl"),
+        qrels=fetch(data.qrels) if data.qrels else beside("qrels/test.tsv"),
+        fewshot=fetch(fewshot) if fewshot else None,
+    )
