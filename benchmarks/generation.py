@@ -35,16 +35,21 @@ from inpars.generate import generate_queries, sample_documents
 from inpars.prompts import load_prompt
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+def matmul_rate(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0, device: str = "cpu") -> float:
     """Best-of measured FLOP/s of an n x n matmul in ``dtype`` (the machine's compute bound)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device.startswith("cuda"):
+        n = max(n, 8192)  # a GPU needs a big product to reach its rate
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(4):
             a @ b
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
     return best
 
@@ -62,7 +67,7 @@ def reference_queries(backend: TransformersBackend, prompts: list[str], max_new_
     tok, model, queries = backend.tokenizer, backend.model, []
     with torch.inference_mode():
         for text in prompts:
-            enc = tok(text, return_tensors="pt")
+            enc = tok(text, return_tensors="pt").to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=backend.pad_id,
                                  stopping_criteria=[StopAtNewline()])
             queries.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-doc-tokens", type=int, default=256)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args(argv)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref_docs = docs[: args.n_ref]
     prompt = load_prompt("inpars")
 
-    fp32 = TransformersBackend(args.model, dtype="float32", batch_size=args.batch_size)
+    fp32 = TransformersBackend(args.model, dtype="float32", batch_size=args.batch_size, device=args.device)
     prompts = [prompt.build(d, truncate=fp32.truncate, max_doc_tokens=args.max_doc_tokens).text for d in ref_docs]
     print(f"reference loop on {len(ref_docs)} docs (batch 1, full prompt, fp32)...", flush=True)
     t = time.perf_counter()
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"ours fp32 on {len(docs)} docs: {len(docs) / ours32_s:.3f} docs/s", flush=True)
     fp32.close()
 
-    auto = TransformersBackend(args.model, dtype="auto", batch_size=args.batch_size)
+    auto = TransformersBackend(args.model, dtype="auto", batch_size=args.batch_size, device=args.device)
     print(f"ours ({auto.dtype}, batch {args.batch_size}, prefix cache) on {len(docs)} docs...", flush=True)
     ours, ours_s = run_ours(auto, docs, prompt, args)
     print(f"  {len(docs) / ours_s:.3f} docs/s", flush=True)
@@ -121,15 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
     embed = cfg.vocab_size * cfg.hidden_size
     flops = 2 * (n_params - embed) * stats["forward_tokens"] + 2 * embed * stats["logit_rows"]
     ref_flops = 2 * (n_params - embed) * ref_tokens + 2 * embed * (ref_tokens - sum(len(fp32.encode(p)) for p in prompts) + len(prompts))
-    rate = matmul_rate(torch.bfloat16 if auto.dtype == torch.bfloat16 else torch.float32)
-    rate32 = matmul_rate(torch.float32)
+    dev = str(auto.model.device)
+    rate = matmul_rate(torch.bfloat16 if auto.dtype == torch.bfloat16 else torch.float32, device=dev)
+    rate32 = matmul_rate(torch.float32, device=dev)
 
     ref_rate, ours_rate = len(ref_docs) / ref_s, len(docs) / ours_s
     same32 = sum(a == r["query"] for a, r in zip(ref, ours32)) / len(ref)
     same_auto = sum(a == r["query"] for a, r in zip(ref, ours)) / len(ref)
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"},
         "settings": vars(args),
         "reference": {"docs": len(ref_docs), "seconds": ref_s, "docs_per_s": ref_rate,
                       "flops_per_doc": ref_flops / len(ref_docs),

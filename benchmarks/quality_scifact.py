@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -180,7 +179,7 @@ class Benchmark:
                 train = read_qrels(self.data / "qrels" / "train.tsv")
                 rows = []
                 for qid in sorted(train, key=_natural):
-                    did = sorted(train[qid], key=_natural)[0]
+                    did = min(train[qid], key=_natural)
                     doc = self.docs[did]
                     rows.append({"query_id": qid, "query": self.all_queries[qid], "doc_id": did, "title": doc.title, "text": doc.text})
                 write_jsonl(rows, path)
@@ -282,8 +281,8 @@ class Benchmark:
                     docs = sample[start : start + chunk]
                     done_before = generated_docs
 
-                    def progress(n: int, _seed=seed, _start=start) -> None:
-                        rate = (done_before + n) / max(1e-9, time.perf_counter() - started)
+                    def progress(n: int, _seed=seed, _start=start, _before=done_before) -> None:
+                        rate = (_before + n) / max(1e-9, time.perf_counter() - started)
                         print(f"    seed {_seed}: {_start + n}/{len(sample)} docs ({rate:.2f} docs/s)", flush=True)
 
                     part = generate_queries(docs, backend, prompt, max_new_tokens=a.max_new_tokens, max_doc_tokens=256,
@@ -406,6 +405,11 @@ class Benchmark:
         return {q: self.all_queries[q] for q in ids if q not in self.fewshot_ids}
 
     @property
+    def first_depth(self) -> int:
+        """First-stage depth: at least 100 (R@100 is reported), at least the rerank depth."""
+        return max(100, self.args.rerank_depth)
+
+    @property
     def eval_key(self) -> str:
         n = self.args.eval_queries
         return "all" if not n or n >= FULL_TEST_QUERIES else f"sub{n}-s{self.args.seed}"
@@ -432,14 +436,20 @@ class Benchmark:
                                 batch_size=self.args.rerank_batch_size, max_length=256)
         ids = list(self.docs)
         emb_path = cache_dir / "corpus-embeddings.pt"
+        emb = None
         if emb_path.exists():
-            emb = torch.load(emb_path)
-        else:
+            saved = torch.load(emb_path)
+            # Reuse only if it embeds exactly these documents in this order.
+            if isinstance(saved, dict) and saved.get("doc_ids") == ids:
+                emb = saved["embeddings"]
+            elif isinstance(saved, torch.Tensor) and saved.shape[0] == len(ids):
+                emb = saved
+        if emb is None:
             with self.timer.step(f"encode corpus ({label})", f"({len(ids)} docs)") as t:
                 began = time.perf_counter()
                 emb = encoder.encode([self.docs[d].contents for d in ids])
                 emb_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(emb, emb_path)
+                torch.save({"doc_ids": ids, "embeddings": emb}, emb_path)
                 t["docs_per_s"] = round(len(ids) / (time.perf_counter() - began), 1)
         qids = list(queries)
         q = encoder.encode([queries[x] for x in qids]) if qids else torch.zeros(0, emb.shape[1])
@@ -449,12 +459,15 @@ class Benchmark:
         """(dense top-``depth`` run, bi-encoder scores of ``rerank_of``'s documents)."""
         qids, ids, sims = self._dense(model_path, cache_dir, queries, label)
         pos = {d: i for i, d in enumerate(ids)}
-        k = min(self.args.rerank_depth, len(ids))
+        k = min(self.first_depth, len(ids))
         top = sims.topk(k, dim=1) if qids else None
         dense = {q: {ids[j]: float(s) for s, j in zip(top.values[i].tolist(), top.indices[i].tolist())} for i, q in enumerate(qids)}
         reranked = None
         if rerank_of is not None:
-            reranked = {q: {d: float(sims[i, pos[d]]) for d in rerank_of.get(q, {})} for i, q in enumerate(qids)}
+            from inpars.rerank import top_docs
+
+            depth = self.args.rerank_depth
+            reranked = {q: {d: float(sims[i, pos[d]]) for d in top_docs(rerank_of.get(q, {}), depth)} for i, q in enumerate(qids)}
         return dense, reranked
 
     # ----------------------------------------------------------------- 5. train + rerank
@@ -467,7 +480,12 @@ class Benchmark:
     def run_config(self, cfg: dict, kept_by, held_queries, held_qrels, test_queries, bm25_test, bm25_held) -> dict:
         from inpars.config import TrainConfig
         from inpars.corpus import read_run, write_run
-        from inpars.rerank import choose_fusion_weight, fuse_runs, load_reranker, rerank_run
+        from inpars.rerank import (
+            choose_fusion_weight,
+            fuse_runs,
+            load_reranker,
+            rerank_run,
+        )
         from inpars.stages import split_held_out
         from inpars.train import train_model
 
@@ -492,17 +510,18 @@ class Benchmark:
             t.update(steps=stats.get("steps"), final_loss=round(stats.get("final_loss", float("nan")), 4))
         result = {"config": cfg, "train": {k: stats.get(k) for k in ("examples", "steps", "epochs", "learning_rate", "final_loss", "loss_curve", "seconds", "device", "dtype")}}
 
-        held_path, test_path = model_dir / "heldout.trec", model_dir / f"test-{self.eval_key}.trec"
+        d = f"d{a.rerank_depth}"  # runs depend on the depth too
+        held_path, test_path = model_dir / f"heldout-{d}.trec", model_dir / f"test-{self.eval_key}-{d}.trec"
         fusion_path = model_dir / "fusion.json"
         with self.timer.step(f"5 rerank {name}", f"(held-out {len(held_queries)} + test {len(test_queries)} queries)") as t:
             if held_path.exists() and test_path.exists():
                 t["cached"] = True
                 held_run, test_run = read_run(held_path), read_run(test_path)
-                extra = read_run(model_dir / f"test-rerank-{self.eval_key}.trec") if cfg["model_type"] == "bi-encoder" else None
+                extra = read_run(model_dir / f"test-rerank-{self.eval_key}-{d}.trec") if cfg["model_type"] == "bi-encoder" else None
             elif cfg["model_type"] == "bi-encoder":
                 held_run, _ = self.dense_runs(str(model_dir), model_dir, held_queries, None, name)
                 test_run, extra = self.dense_runs(str(model_dir), model_dir, test_queries, bm25_test, name)
-                write_run(extra, model_dir / f"test-rerank-{self.eval_key}.trec", name)
+                write_run(extra, model_dir / f"test-rerank-{self.eval_key}-{d}.trec", name)
             else:
                 reranker = load_reranker(str(model_dir), device=a.device, batch_size=a.rerank_batch_size, max_length=256)
                 held_run = rerank_run(bm25_held, held_queries, self.docs, reranker, depth=a.rerank_depth)
@@ -527,8 +546,8 @@ class Benchmark:
         from inpars.rerank import choose_fusion_weight, fuse_runs
 
         cache = self.work / "baselines" / "dense0-minilm-l6"
-        test_path = cache / f"test-{_key(sorted(test_queries))}.trec"
-        held_path = self.data_dir / "dense0-heldout.trec"
+        test_path = cache / f"test-{_key(sorted(test_queries))}-d{self.first_depth}.trec"
+        held_path = self.data_dir / f"dense0-heldout-d{self.first_depth}.trec"
         with self.timer.step("6 zero-shot dense", "(untrained MiniLM bi-encoder, exact search)") as t:
             if test_path.exists() and held_path.exists():
                 t["cached"] = True
@@ -578,7 +597,7 @@ def format_results(results: dict) -> str:
         wlt = f"{b['wins']}/{b['losses']}/{b['ties']}" if b else "-"
         body.append([name, f"{r['nDCG@10']:.4f}", delta, wlt, f"{r['R@100']:.4f}"])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
 
 
@@ -679,9 +698,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- from here on the test queries' text is used (reranking); their qrels only in evaluate()
     test_queries = bench.test_queries()
-    with bench.timer.step("6 BM25", f"(test {len(test_queries)} + held-out {len(held_queries)} queries, top {args.rerank_depth})"):
-        bm25_test = bench.bm25_run("test", test_queries, args.rerank_depth)
-        bm25_held = bench.bm25_run("heldout", held_queries, args.rerank_depth)
+    with bench.timer.step("6 BM25", f"(test {len(test_queries)} + held-out {len(held_queries)} queries, top {bench.first_depth})"):
+        bm25_test = bench.bm25_run("test", test_queries, bench.first_depth)
+        bm25_held = bench.bm25_run("heldout", held_queries, bench.first_depth)
     systems: dict[str, dict] = {"BM25": bm25_test}
     fusion: dict[str, dict] = {}
     zs = bench.zero_shot(held_queries, held_qrels, test_queries, bm25_test, bm25_held)
@@ -715,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:28s} w={f['weight_bm25']:.1f}  held-out RR@10: model {h['model_alone']:.3f}, BM25 {h['bm25_alone']:.3f}, fused {h['fused']:.3f}")
     print("targets:")
     for g_ in goals:
-        print(f"  {'MET    ' if g_['met'] else 'NOT MET'}  {g_['target']}: best {g_['best']} = {g_['value']:.4f}")
+        sig = "" if "significant" not in g_ else ("; Δ CI excludes 0" if g_["significant"] else "; Δ CI includes 0")
+        print(f"  {'MET    ' if g_['met'] else 'NOT MET'}  {g_['target']}: best {g_['best']} = {g_['value']:.4f}{sig}")
     print()
     print(bench.timer.table())
     print(f"total {total:.0f} s")

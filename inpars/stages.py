@@ -91,7 +91,7 @@ def generate_worker(run: Run, index: int, count: int) -> None:
         checkpoint = run.checkpoint("generate", index, count)
         try:
             rows = checkpointed_map(mine, generate_chunk, checkpoint, cfg.checkpoint_every, on_progress=_progress("generate", len(mine)))
-        except BudgetExceeded as e:
+        except BudgetExceeded:
             # A clean stop: every finished chunk is checkpointed; only the unfinished chunk's
             # requests (at most generate.checkpoint_every documents) are made again on resume.
             done = sum(len(c) for c in checkpoint.load())

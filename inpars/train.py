@@ -33,19 +33,20 @@ import torch
 
 from .config import TrainConfig
 from .corpus import Document
+from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError, InputError
 from .models import resolve_model
 from .rerank import (
     METADATA_FILE,
     MODEL_TYPES,
+    _attention_backends,
     collate,
     encode_pairs,
     encode_texts,
     mean_pool,
     monot5_scores,
+    pad_multiple,
     relevance_token_ids,
-    resolve_device,
-    resolve_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _load(model_type: str, name_or_path: str) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if model_type == "monot5":
@@ -111,6 +117,7 @@ class _Objective:
         self.model_type, self.loss, self.model, self.tokenizer = model_type, loss, model, tokenizer
         self.docs, self.max_length, self.device = docs, max_length, device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.multiple = pad_multiple(device, max_length)
         if model_type == "monot5":
             self.true_id, self.false_id = relevance_token_ids(tokenizer, relevance_tokens)
             self.start_id = model.config.decoder_start_token_id
@@ -124,7 +131,7 @@ class _Objective:
                 queries.append(query)
                 texts.append(self.docs[did].contents)
             sizes.append(1 + len(negs))
-        inputs = collate(encode_pairs(self.tokenizer, self.model_type, queries, texts, self.max_length), self.pad_id, self.device)
+        inputs = collate(encode_pairs(self.tokenizer, self.model_type, queries, texts, self.max_length), self.pad_id, self.device, self.multiple)
         labels = torch.tensor([1.0 if j == 0 else 0.0 for n in sizes for j in range(n)], device=self.device)
         if self.model_type == "cross-encoder":
             scores = self.model(**inputs).logits[:, 0].float()
@@ -139,7 +146,7 @@ class _Objective:
         return _group_softmax_loss(monot5_scores(logits, self.true_id, self.false_id), sizes)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        inputs = collate(encode_texts(self.tokenizer, texts, self.max_length), self.pad_id, self.device)
+        inputs = collate(encode_texts(self.tokenizer, texts, self.max_length), self.pad_id, self.device, self.multiple)
         hidden = self.model(**inputs).last_hidden_state.float()
         return torch.nn.functional.normalize(mean_pool(hidden, inputs["attention_mask"]), dim=-1)
 
@@ -229,9 +236,10 @@ def train_model(
     started = time.perf_counter()
     bar = tqdm(total=total, desc=f"train {config.model_type}", unit="step", disable=None)
     for step, batch in zip(range(1, total + 1), batches()):
-        with _autocast(device, dtype):
-            loss = objective(batch)
-        loss.backward()
+        with _attention_backends(device):
+            with _autocast(device, dtype):  # the forward in bf16; backward outside autocast, as advised
+                loss = objective(batch)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         if xm is not None:
             xm.optimizer_step(optimizer)  # also marks the XLA step, so the graph runs

@@ -182,3 +182,25 @@ def test_bad_examples_name_the_id(sample, tmp_path):
         train_model(rows[:1], docs, TrainConfig(model_type="colbert"), tmp_path / "x")
     with pytest.raises(ConfigError, match="loss"):
         train_model(rows[:1], docs, TrainConfig(loss="hinge"), tmp_path / "x")
+
+
+def test_cross_encoder_bce_on_a_tiny_bert(sample, tmp_path):
+    """The pointwise path, fast: a tiny random BERT with MiniLM's tokenizer, saved as a local folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from inpars.models import resolve_model
+
+    docs = sample[0]
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").name_or_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    rows = make_groups(sample, 4, n_neg=1)
+    cfg = TrainConfig(model_type="cross-encoder", model=str(tmp_path / "bert"), loss="bce", batch_size=4, max_steps=10,
+                      learning_rate=1e-3, max_length=64, dtype="float32")
+    stats = train_model(rows, docs, cfg, tmp_path / "ce")
+    assert stats["loss_curve"]["last"] < stats["loss_curve"]["first"]
+    rr = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=64)
+    assert rr.model_type == "cross-encoder"  # from inpars_model.json, though the base was a bare BertModel
+    assert len(rr.score([(r["query"], docs[r["pos_doc_id"]].contents) for r in rows])) == 4

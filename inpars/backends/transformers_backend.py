@@ -23,8 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..models import ModelSource, resolve_model
+from ..storage import cache_root
 from .base import Generation, GenerationBackend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,60 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import GenerateConfig
 
 
-# --------------------------------------------------------------------------- devices and dtypes
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matmuls (AVX512-BF16 or AMX): only then is bf16 faster than fp32."""
-    import torch
-
-    capability = str(torch.backends.cpu.get_cpu_capability()).lower()
-    if "amx" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto``: bf16 on CUDA and on bf16-capable CPUs, else fp32."""
-    import torch
-
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16
-        return torch.bfloat16 if device == "cpu" and cpu_supports_bf16() else torch.float32
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return names[dtype]
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def cache_root() -> Path:
-    """``$INPARS_CACHE``, else ``~/.cache/inpars``; a temp folder when HOME is unset or unusable."""
-    if os.environ.get("INPARS_CACHE"):
-        return Path(os.environ["INPARS_CACHE"])
-    try:
-        home = Path.home()
-    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
-        return Path(tempfile.gettempdir()) / "inpars-cache"
-    return home / ".cache" / "inpars"
 
 
 def _gguf_cache_dir(source: ModelSource) -> Path:

@@ -1,0 +1,60 @@
+"""The quality benchmark's own logic (configuration grammar, table, targets, missing data).
+
+The end-to-end run needs minutes of model work; it is exercised by running the script itself
+(see benchmarks/README.md). These tests cover what can go wrong without a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inpars.errors import ConfigError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_scifact.py"
+
+
+@pytest.fixture(scope="module")
+def qs():
+    spec = importlib.util.spec_from_file_location("quality_scifact", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_grammar(qs):
+    c = qs.parse_config("ce-lce+deep+cons")
+    assert (c["model_type"], c["loss"], c["filter"], c["negatives"]) == ("cross-encoder", "lce", "consistency", "deep")
+    assert qs.parse_config("ce-bce")["loss"] == "bce"
+    b = qs.parse_config("bi+nofilter")
+    assert (b["model_type"], b["filter"], b["negatives"]) == ("bi-encoder", "none", "top")
+    for bad in ("monot5", "ce-lce+deeper", "ce-lce+cons+nofilter", "bi+deep+deep"):
+        with pytest.raises(ConfigError):
+            qs.parse_config(bad)
+
+
+def test_table_and_targets(qs):
+    def row(v, diff=None):
+        r = {"nDCG@10": v, "R@100": 0.9}
+        if diff is not None:
+            r["vs_bm25"] = {"mean_diff": diff, "ci_low": diff - 0.01, "ci_high": diff + 0.01, "wins": 3, "losses": 1, "ties": 6}
+        return r
+
+    results = {"BM25": row(0.676), "zero-shot hybrid (w=0.3)": row(0.734, 0.058), "ce-lce": row(0.70, 0.024),
+               "ce-lce + BM25 (w=0.7)": row(0.72, 0.044)}
+    table = qs.format_results(results)
+    assert "+0.0240 [+0.014, +0.034]" in table and "3/1/6" in table
+    goals = qs.targets(results, ["ce-lce"], ["ce-lce + BM25 (w=0.7)"], "zero-shot hybrid (w=0.3)")
+    assert [g["met"] for g in goals] == [True, False]
+    assert goals[0]["significant"] is True
+
+
+def test_missing_data_exits_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "SciFact not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
