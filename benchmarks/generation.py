@@ -62,7 +62,7 @@ def reference_queries(backend: TransformersBackend, prompts: list[str], max_new_
 
     class StopAtNewline(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.tensor([input_ids[0, -1].item() in newline])
+            return torch.tensor([input_ids[0, -1].item() in newline], device=input_ids.device)
 
     tok, model, queries = backend.tokenizer, backend.model, []
     with torch.inference_mode():

@@ -95,9 +95,20 @@ def test_four_shards_equal_one_shard(tmp_path):
                      *sets({**SMALL, "generate.shards": shards, "negatives.shards": shards}))
         assert res.returncode == 0, res.stdout + res.stderr
     one, four = Run.open(str(ws / "runs" / "one")), Run.open(str(ws / "runs" / "four"))
-    assert [one.read_shard("generate", 0, 1)] == [b"".join(four.read_shard("generate", i, 4) for i in range(4))]
-    assert one.read_shard("filter", 0, 1) == four.read_shard("filter", 0, 1)
-    assert one.read_shard("negatives", 0, 1) == b"".join(four.read_shard("negatives", i, 4) for i in range(4))
+    # The same rows in the same order. Log-probs may differ in the last float digits: a shard batches
+    # other neighbours, and padding to another width changes the summation order of the matmuls.
+    # (Byte identity holds across restarts of the same layout: see the SIGKILL test.)
+    for stage in ("generate", "filter"):
+        merged = four.read_rows(stage, 4 if stage == "generate" else 1)
+        single = one.read_rows(stage, 1)
+        assert [_without_floats(r) for r in merged] == [_without_floats(r) for r in single]
+        for a, b in zip(merged, single):
+            assert a["log_probs"] == pytest.approx(b["log_probs"], abs=1e-4)
+    assert one.read_rows("negatives", 1) == four.read_rows("negatives", 4)
+
+
+def _without_floats(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("log_probs", "score")}
 
 
 def _worker(run_uri: str, stage: str, **popen) -> subprocess.Popen:
