@@ -39,20 +39,24 @@ class Document:
 # --------------------------------------------------------------------------- JSONL
 
 
+def parse_jsonl_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` of JSONL text; a malformed line raises naming ``where:line``."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON ({e.msg})", path=where, line=lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError("expected a JSON object", path=where, line=lineno)
+        yield lineno, obj
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)``; a malformed line raises naming ``path:line``."""
-    path = str(path)
+    """Yield ``(line_number, object)`` of a JSONL file; a malformed line raises naming ``path:line``."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON ({e.msg})", path=path, line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError("expected a JSON object", path=path, line=lineno)
-            yield lineno, obj
+        yield from parse_jsonl_lines(f, str(path))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -21,19 +21,11 @@ from .datasets import Dataset, fetch, resolve_dataset  # noqa: F401  (Dataset re
 from .errors import ConfigError, InputError
 from .launch.plan import stage_shards
 from .shards import shard_index_from_env, shard_name, take_shard
-from .workspace import Run
+from .workspace import Run, dumps_rows
 
 log = logging.getLogger("inpars.stages")
 
 FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
-
-def _jsonl_bytes(rows) -> bytes:
-    return "".join(corpus_io.dumps_row(r) for r in rows).encode("utf-8")
-
-
-def _rows(data: bytes) -> list[dict]:
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-
 
 def fewshot_query_ids(rows) -> set[str]:
     """Ids of the queries shown as few-shot examples: never evaluated (no leakage)."""
@@ -109,7 +101,7 @@ def generate_worker(run: Run, index: int, count: int) -> None:
     backend_usage = getattr(backend, "usage_summary", None)
     if callable(backend_usage):
         stats["api"] = backend_usage()
-    run.commit_shard("generate", index, count, _jsonl_bytes(rows), ext="jsonl", stats=stats)
+    run.commit_shard("generate", index, count, dumps_rows(rows), ext="jsonl", stats=stats)
     checkpoint.clear()
 
 
@@ -143,16 +135,16 @@ def filter_worker(run: Run, index: int, count: int) -> None:
         "dropped_by_reason": drop_counts(dropped),
         "threshold": min((r["score"] for r in kept), default=None),
     }
-    run.put_file("filter", "dropped.jsonl", _jsonl_bytes(dropped))
+    run.put_file("filter", "dropped.jsonl", dumps_rows(dropped))
     run.put_file("filter", "summary.json", json.dumps(summary, indent=2).encode())
-    run.commit_shard("filter", 0, 1, _jsonl_bytes(kept), ext="jsonl", stats=summary)
+    run.commit_shard("filter", 0, 1, dumps_rows(kept), ext="jsonl", stats=summary)
 
 
 def negatives_worker(run: Run, index: int, count: int) -> None:
     from .negatives import mine_negatives, write_triples_tsv
 
     cfg = run.config.negatives
-    kept = _rows(run.read_shard("filter", 0, 1, "jsonl"))
+    kept = run.read_rows("filter", 1)
     mine = take_shard(kept, index, count)
     docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
     triples = mine_negatives(mine, _bm25(run.config, docs), depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed)
@@ -160,7 +152,7 @@ def negatives_worker(run: Run, index: int, count: int) -> None:
         tsv = Path(tmp) / "triples.tsv"
         write_triples_tsv(triples, docs, tsv)
         run.put_file("negatives", f"triples-{shard_name(index, count, 'tsv')}", tsv.read_bytes())
-    run.commit_shard("negatives", index, count, _jsonl_bytes(triples), ext="jsonl", stats={"rows": len(triples)})
+    run.commit_shard("negatives", index, count, dumps_rows(triples), ext="jsonl", stats={"rows": len(triples)})
 
 
 def split_held_out(triples: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -199,7 +191,7 @@ def train_worker(run: Run, index: int, count: int) -> None:
             weight, scores = choose_fusion_weight(first, second, qrels)
             fusion = {"weight": weight, "measure": "RR@10", "n_queries": len(queries), "grid": scores}
         run.upload_dir("train", "model", model_dir)
-    run.put_file("train", "held_out.jsonl", _jsonl_bytes(held_out))
+    run.put_file("train", "held_out.jsonl", dumps_rows(held_out))
     run.put_file("train", "fusion.json", json.dumps(fusion, indent=2).encode())
     stats = {**stats, "n_train_queries": len(train_rows), "n_held_out": len(held_out), "fusion": fusion}
     run.commit_shard("train", 0, 1, json.dumps(stats, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(train_rows)})
@@ -296,7 +288,7 @@ def publish_worker(run: Run, index: int, count: int) -> None:
     from .publish import publish_dataset
 
     config = run.config
-    kept = _rows(run.read_shard("filter", 0, 1, "jsonl"))
+    kept = run.read_rows("filter", 1)
     summary = json.loads(run.get_file("filter", "summary.json")) if run.has_file("filter", "summary.json") else {}
     manifest = publish_dataset(kept, config.publish.destination, dataset=config.data.name, manifest=run.manifest, filter_stats=summary)
     run.commit_shard("publish", 0, 1, json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(kept)})

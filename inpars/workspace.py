@@ -34,6 +34,7 @@ from typing import Any
 
 from . import __version__
 from .config import PipelineConfig
+from .corpus import dumps_row, parse_jsonl_lines
 from .errors import InParsError, InputError
 from .shards import shard_name, shard_range
 from .storage import Storage, cache_root, is_remote, join_key, open_storage, sha256_hex
@@ -480,23 +481,12 @@ class Run:
 
 
 def parse_jsonl(data: bytes, where: str) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON ({e.msg})", path=where, line=lineno) from None
-        if not isinstance(obj, dict):
-            raise InputError("expected a JSON object", path=where, line=lineno)
-        rows.append(obj)
-    return rows
+    return [obj for _, obj in parse_jsonl_lines(data.decode("utf-8").splitlines(), where)]
 
 
 def dumps_rows(rows: Sequence[dict]) -> bytes:
     """Rows as JSONL bytes, deterministic (same rows -> same bytes): what shards commit."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    return "".join(dumps_row(r) for r in rows).encode("utf-8")
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:

@@ -165,6 +165,9 @@ def _print_event(event: Event, quiet: bool) -> None:
 
 def _env(job: StageJob, extra_env: dict[str, str], shard: int) -> dict[str, str]:
     env = dict(os.environ)
+    # The workers are this installation's `inpars` script, also when its venv is not activated.
+    scripts = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if scripts else env.get("PATH", "")
     env.pop("INPARS_SHARD_INDEXES", None)  # the index below is the real shard number
     env.update(job.env)
     env.update(extra_env)
