@@ -192,7 +192,7 @@ def rerank(
 ):
     """Rerank the top `depth` documents of a first stage with a trained model."""
     from .corpus import read_corpus, read_qrels, read_queries, read_run, write_run
-    from .rerank import load_reranker, rerank_run
+    from .rerank import load_reranker, rerank_run, with_tail
 
     docs = read_corpus(corpus)
     qs = read_queries(queries)
@@ -206,8 +206,9 @@ def rerank(
 
         index = get_index("bm25s")
         index.build(list(docs.values()))
-        first = index.search(qs, depth)
+        first = index.search(qs, max(depth, 1000))  # deeper than reranked: recall stays comparable
     reranked = rerank_run(first, qs, docs, load_reranker(model, batch_size=batch_size, max_length=max_length), depth=depth)
+    reranked = with_tail(reranked, first)
     write_run(reranked, output, tag="reranked")
     typer.echo(f"{len(reranked)} queries reranked -> {output}")
 

@@ -373,6 +373,23 @@ def rerank_run(
     return {qid: {did: next(scores) for did in dids} for qid, dids in chosen.items()}
 
 
+def with_tail(head: dict[str, dict[str, float]], first: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The reranked top of each query, then the first stage's remaining documents in their order.
+
+    The tail is scored strictly below the head, so the reranked order is kept and the run is as deep
+    as the first stage (recall at 100 or 1000 compares like with like).
+    """
+    out = {}
+    for q, first_scores in first.items():
+        top = dict(head.get(q, {}))
+        floor = min(top.values(), default=0.0) - 1.0
+        rest = sorted((d for d in first_scores if d not in top), key=lambda d: (-first_scores[d], d))
+        for rank, d in enumerate(rest):
+            top[d] = floor - rank * 1e-3
+        out[q] = top
+    return out
+
+
 def _minmax(scores: Mapping[str, float]) -> dict[str, float]:
     if not scores:
         return {}

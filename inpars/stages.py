@@ -198,7 +198,7 @@ def train_worker(run: Run, index: int, count: int) -> None:
 
 
 def rerank_worker(run: Run, index: int, count: int) -> None:
-    from .rerank import fuse_runs, load_reranker, rerank_run
+    from .rerank import fuse_runs, load_reranker, rerank_run, with_tail
 
     config, cfg = run.config, run.config.rerank
     run.require_complete("train", 1)
@@ -226,23 +226,6 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
         run.put_file("rerank", f"fused-{name}", corpus_io.format_run(fused, "fused").encode())
     reranked = with_tail(reranked, first)
     run.commit_shard("rerank", index, count, corpus_io.format_run(reranked, "reranked").encode(), ext="trec", stats={"rows": len(mine)})
-
-
-def with_tail(head: dict[str, dict[str, float]], first: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The reranked top of each query, then the first stage's remaining documents in their order.
-
-    The tail is scored strictly below the head, so the reranked order is kept and the run is as deep
-    as the first stage (recall at 100 or 1000 compares like with like).
-    """
-    out = {}
-    for q, first_scores in first.items():
-        top = dict(head.get(q, {}))
-        floor = min(top.values(), default=0.0) - 1.0
-        rest = sorted((d for d in first_scores if d not in top), key=lambda d: (-first_scores[d], d))
-        for rank, d in enumerate(rest):
-            top[d] = floor - rank * 1e-3
-        out[q] = top
-    return out
 
 
 def _read_trec_shards(run: Run, stage: str, prefix: str, count: int) -> dict | None:
