@@ -6,6 +6,7 @@ Every source ends up as local files in BEIR layout (``corpus.jsonl``, ``queries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +95,42 @@ def resolve_dataset(config: PipelineConfig) -> Dataset:
     def beside(rel: str) -> Path | None:
         return folder / rel if folder and (folder / rel).exists() else None
 
-    fewshot = gen.fewshot_file
-    if fewshot is None and gen.prompt.startswith("promptagator") and folder and (folder / "fewshot.jsonl").exists():
-        fewshot = str(folder / "fewshot.jsonl")  # a few-shot pool shipped beside the corpus (the sample has one)
+    fewshot = fetch(gen.fewshot_file) if gen.fewshot_file else None
+    if fewshot is None and gen.prompt.startswith("promptagator") and folder:
+        # A pool shipped beside the corpus (the sample has one), else one built from the folder's
+        # train (or dev) judgements: never from the test split, which is evaluated.
+        fewshot = beside("fewshot.jsonl") or fewshot_from_split(folder)
     return Dataset(
         corpus=corpus,
         queries=fetch(data.queries) if data.queries else beside("queries.jsonl"),
         qrels=fetch(data.qrels) if data.qrels else beside("qrels/test.tsv"),
-        fewshot=fetch(fewshot) if fewshot else None,
+        fewshot=fewshot,
     )
+
+
+def fewshot_from_split(folder: Path, splits: tuple[str, ...] = ("train", "dev")) -> Path | None:
+    """A (query, document) pool from a BEIR folder's train or dev qrels, cached; None if it has neither."""
+    from .corpus import iter_corpus, read_qrels, read_queries
+    from .storage import cache_root
+
+    split = next((s for s in splits if (folder / "qrels" / f"{s}.tsv").exists()), None)
+    if split is None or not (folder / "queries.jsonl").exists():
+        return None
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    key = f"{folder.resolve()}:{split}:{qrels_path.stat().st_size}:{qrels_path.stat().st_mtime_ns}"
+    out = Path(cache_root()) / "fewshot" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl"
+    if out.exists():
+        return out
+    qrels, queries = read_qrels(qrels_path), read_queries(folder / "queries.jsonl")
+    wanted = {qid: min(d for d, rel in judged.items() if rel > 0) for qid, judged in qrels.items()
+              if qid in queries and any(rel > 0 for rel in judged.values())}
+    docs = {d.doc_id: d for d in iter_corpus(folder) if d.doc_id in set(wanted.values())}
+    rows = [{"query_id": q, "query": queries[q], "doc_id": d, "title": docs[d].title, "text": docs[d].text}
+            for q, d in sorted(wanted.items()) if d in docs]
+    if not rows:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    return out

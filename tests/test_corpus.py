@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,25 @@ def test_full_scifact_reads():
     qrels = read_qrels(SHARED / "qrels" / "test.tsv")
     assert len(docs) == 5183 and len(qrels) == 300
     check_ids([d for judged in qrels.values() for d in judged], docs, what="qrels doc", source="corpus")
+
+
+def test_promptagator_pool_comes_from_the_train_split(tmp_path, monkeypatch):
+    from inpars.config import PipelineConfig
+    from inpars.datasets import resolve_dataset
+
+    monkeypatch.setenv("INPARS_CACHE", str(tmp_path / "cache"))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "title": "T{i}", "text": "text {i}"}}\n' for i in range(4)))
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "train claim"}\n{"_id": "q2", "text": "test claim"}\n')
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td3\t1\n")
+    config = PipelineConfig().override({"data.corpus": str(beir), "generate.prompt": "promptagator-x"})
+    ds = resolve_dataset(config)
+    pool = [json.loads(line) for line in ds.fewshot.read_text().splitlines()]
+    assert pool == [{"query_id": "q1", "query": "train claim", "doc_id": "d2", "title": "T2", "text": "text 2"}]
+    assert ds.qrels == beir / "qrels" / "test.tsv"
+    assert resolve_dataset(config).fewshot == ds.fewshot  # cached
+    assert resolve_dataset(PipelineConfig().override({"data.corpus": str(beir)})).fewshot is None  # not asked for
+    (beir / "qrels" / "train.tsv").unlink()
+    assert resolve_dataset(config).fewshot is None  # no train or dev split: no pool (never the test split)
