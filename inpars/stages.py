@@ -70,6 +70,12 @@ def generate_worker(run: Run, index: int, count: int) -> None:
     mine = take_shard(sample_documents(docs, cfg.n_docs, cfg.seed), index, count)
     prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(ds.fewshot) if ds.fewshot else None)
     backend = get_backend(cfg.backend, cfg)
+    journal = None
+    if hasattr(backend, "use_journal"):
+        # Paid API answers are journaled as they arrive, so a crash mid-chunk re-requests nothing.
+        # (On a gs:// workspace the journal is local to the machine: a pod on another node starts afresh.)
+        journal = run.local_dir("generate", "_journal") / f"{shard_name(index, count, 'jsonl')}"
+        backend.use_journal(journal)
     try:
 
         def generate_chunk(chunk):
@@ -103,6 +109,8 @@ def generate_worker(run: Run, index: int, count: int) -> None:
         stats["api"] = backend_usage()
     run.commit_shard("generate", index, count, dumps_rows(rows), ext="jsonl", stats=stats)
     checkpoint.clear()
+    if journal is not None:
+        journal.unlink(missing_ok=True)
 
 
 def _prompt_name(config: PipelineConfig) -> str:

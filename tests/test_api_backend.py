@@ -7,6 +7,7 @@ Server tests are marked ``server`` and skip when llama_cpp is not importable.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import math
 import os
@@ -408,3 +409,45 @@ def test_vllm_unavailable_gives_clear_error():
         get_backend("vllm", GenerateConfig(backend="vllm"))
     with pytest.raises(ConfigError, match="CUDA image"):
         VLLMBackend.from_config(GenerateConfig(backend="vllm"))
+
+
+@pytest.mark.server
+def test_journal_means_answered_documents_are_never_requested_again(llama_server, prompts, reference, key_env, tmp_path):
+    journal = tmp_path / "journal.jsonl"
+    with FaultProxy(llama_server, seed=0) as proxy:
+        first = _backend(f"{proxy.url}/v1")
+        first.use_journal(journal)
+        first.generate(prompts[:2], max_new_tokens=NEW)  # then the worker "crashes"
+        with open(journal, "a", encoding="utf-8") as f:
+            f.write('{"key": "torn')  # a write cut short by the crash is ignored
+        again = _backend(f"{proxy.url}/v1")
+        again.use_journal(journal)
+        rows = again.generate(prompts, max_new_tokens=NEW)
+    assert _texts(rows) == _texts(reference)
+    assert again.replayed == 2 and again.usage.requests == len(prompts) - 2
+    assert proxy.upstream_ok == Counter({p: 1 for p in prompts})  # each document answered exactly once
+
+
+@pytest.mark.server
+def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
+    """The generate stage with backend=openai: rows committed, usage in the marker, journal cleaned up."""
+    from inpars.config import PipelineConfig
+    from inpars.stages import run_stage
+    from inpars.workspace import Run
+
+    config = PipelineConfig().override({
+        "generate.backend": "openai", "generate.base_url": f"{llama_server}/v1", "generate.model": "smollm2-135m",
+        "generate.api_key_env": KEY_ENV, "generate.n_docs": 3, "generate.max_new_tokens": NEW,
+        "generate.max_doc_tokens": 32, "generate.checkpoint_every": 2, "generate.concurrency": 2,
+    })
+    run = Run.create(str(tmp_path / "ws"), config, "api-run")
+    assert run_stage(run.uri, "generate", 0) is True
+    rows = run.read_rows("generate", 1)
+    assert len(rows) == 3 and all(r["log_probs"] and "\n" not in r["query"] for r in rows)
+    marker = run.shard_marker("generate", 0, 1)
+    api = marker["stats"]["api"]
+    assert api["requests"] == 3 and api["prompt_tokens"] > 0
+    assert api["completion_tokens"] >= sum(len(r["log_probs"]) for r in rows)  # the server also counts the stop token
+    assert not any((tmp_path / "ws" / "runs" / "api-run" / "generate" / "_journal").glob("*.jsonl"))
+    manifest = (tmp_path / "ws" / "runs" / "api-run" / "manifest.json").read_text()
+    assert SERVER_KEY not in manifest and SERVER_KEY not in json.dumps(rows)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import email.utils
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -91,6 +94,39 @@ class OpenAIBackend(GenerationBackend):
         self.last_usage = Usage()  # what the latest generate() call spent
         self._tokenizer_name = tokenizer
         self._tokenizer: _Tokenizer | None = None  # picked on first use (see _get_tokenizer)
+        self._journal: Path | None = None
+        self._answered: dict[str, Generation] = {}
+        self.replayed = 0  # answers served from the journal instead of a new (paid) request
+
+    def use_journal(self, path: str | os.PathLike) -> None:
+        """Record every answer in ``path`` the moment it arrives, and replay answers already there.
+
+        Checkpoints only save whole chunks; the journal is what makes a worker that crashed mid-chunk
+        never pay for a document it already had answered. A torn last line (a crash mid-write) is ignored.
+        """
+        self._journal = Path(path)
+        self._answered = {}
+        if self._journal.exists():
+            for line in self._journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._answered[entry["key"]] = Generation(**entry["generation"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def _answer_key(self, prompt: str, params: dict[str, Any]) -> str:
+        material = json.dumps({"endpoint": self.endpoint, "params": params, "prompt": prompt}, sort_keys=True)
+        return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+    def _record(self, key: str, generation: Generation) -> None:
+        self._answered[key] = generation
+        if self._journal is None:
+            return
+        self._journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "generation": dataclasses.asdict(generation)}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> OpenAIBackend:
@@ -204,6 +240,10 @@ class OpenAIBackend(GenerationBackend):
                 # Reserve and launch strictly in input order, so a budget stop at prompt i leaves
                 # exactly prompts[:i] answered: a clean prefix for the caller to checkpoint.
                 for i, prompt in enumerate(prompts):
+                    if self._journal is not None and (known := self._answered.get(self._answer_key(prompt, params))):
+                        results[i] = known  # answered before a crash: never requested (or paid) again
+                        self.replayed += 1
+                        continue
                     await sem.acquire()
                     if first_error:
                         sem.release()
@@ -283,6 +323,8 @@ class OpenAIBackend(GenerationBackend):
         self.usage.prompt_tokens += generation.prompt_tokens
         self.usage.completion_tokens += generation.completion_tokens
         self.usage.requests += 1
+        if self._journal is not None:
+            self._record(self._answer_key(prompt, params), generation)
         return generation
 
     async def _post_with_retries(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
