@@ -6,7 +6,6 @@ executor; ``status``, ``resume``, ``logs`` and ``cancel`` read the workspace (th
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -18,23 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import PipelineConfig
-from ..errors import EXIT_PERMANENT, InParsError
+from ..cli import _cli  # one place turns permanent errors into a line + exit code 42
+from ..errors import InParsError
 from .plan import plan_pipeline, stage_shards
 
 app = typer.Typer(help="Run InPars pipelines locally or on Kubernetes.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
-
-
-def _cli(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InParsError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
-            raise typer.Exit(EXIT_PERMANENT) from None
-
-    return wrapper
 
 
 def _parse_sets(pairs: list[str]) -> dict:

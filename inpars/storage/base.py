@@ -126,21 +126,26 @@ def cache_root() -> Path:
     return home / ".cache" / "inpars"
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Write and fsync ``path``, making its folder (again, if a concurrent delete pruned it)."""
+    for attempt in range(3):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
+            if attempt == 2:
+                raise
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder + rename, so readers never see a partial file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
     try:
-        for attempt in range(3):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                break
-            except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
-                if attempt == 2:
-                    raise
+        _write_new(tmp, data)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

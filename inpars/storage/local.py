@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-from .base import Storage, _atomic_write, check_key
+from .base import Storage, _atomic_write, _write_new, check_key
 
 TMP_PREFIX = ".tmp-"  # temp files being written; never listed
 
@@ -106,20 +106,6 @@ class LocalStorage(Storage):
                 raise FileNotFoundError(f"nothing stored under {source}")
             return source
         return super().download_dir(key_prefix, local_dir)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    for attempt in range(3):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return
-        except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
-            if attempt == 2:
-                raise
 
 
 def _exclusive_create(path: Path, data: bytes) -> bool:
