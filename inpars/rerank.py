@@ -426,7 +426,7 @@ def choose_fusion_weight(
 
     Pass qrels of *held-out synthetic* queries (source document = relevant), never test queries: a
     weight picked on the test set inflates the reported figure. Only the queries in ``qrels`` are
-    fused and scored. Ties go to the earliest weight in ``grid``.
+    fused and scored. Ties go to the middle of the tied weights.
     """
     import ir_measures
 
@@ -442,7 +442,11 @@ def choose_fusion_weight(
         fused = fuse_runs(a, b, w)
         res = ir_measures.calc_aggregate([m], {q: dict(d) for q, d in qrels.items()}, fused)
         values[w] = float(res.get(m, 0.0))
-    best = max(grid, key=lambda w: (values[w], -list(grid).index(w)))
+    top = max(values.values())
+    tied = [w for w in grid if values[w] == top]
+    # Ties (common with few held-out queries) go to the middle of the tied range, not to one end,
+    # so a flat plateau does not hand the whole ranking to either run.
+    best = tied[(len(tied) - 1) // 2]
     if math.isnan(values[best]):
         raise InputError(f"{measure} is undefined on these qrels")
     return best, values

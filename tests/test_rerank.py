@@ -198,3 +198,11 @@ def test_choose_fusion_weight_finds_the_known_best():
     assert len(values) == 11 and all(math.isfinite(v) for v in values.values())
     with pytest.raises(InputError):
         choose_fusion_weight(first, second, {"other": {"r": 1}})
+
+
+def test_fusion_weight_ties_go_to_the_middle_of_the_plateau():
+    # Both runs rank the relevant document first: every weight scores RR@10 = 1.
+    first = {"q": {"rel": 2.0, "other": 1.0}}
+    second = {"q": {"rel": 0.9, "other": 0.1}}
+    weight, values = choose_fusion_weight(first, second, {"q": {"rel": 1}})
+    assert set(values.values()) == {1.0} and weight == pytest.approx(0.5)
