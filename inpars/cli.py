@@ -108,13 +108,12 @@ def filter_(
 
         scorer = load_reranker(reranker_model or "")
     elif strategy == "consistency":
-        from .bm25 import get_index
+        from .bm25 import build_index
 
         if not corpus:
             raise InParsError("--strategy consistency needs --corpus")
         docs = read_corpus(corpus)
-        index = get_index("bm25s")
-        index.build(list(docs.values()))
+        index = build_index(docs)
     kept, drop = filter_queries(read_jsonl(input), cfg, scorer=scorer, index=index, docs=docs)
     write_jsonl(kept, output)
     if dropped:
@@ -135,13 +134,12 @@ def negatives(
     seed: int = 0,
 ):
     """Mine BM25 hard negatives for every synthetic query."""
-    from .bm25 import get_index
+    from .bm25 import build_index
     from .corpus import read_corpus, read_jsonl, write_jsonl
     from .negatives import mine_negatives, write_triples_tsv
 
     docs = read_corpus(corpus)
-    index = get_index("bm25s")
-    index.build(list(docs.values()))
+    index = build_index(docs)
     triples = mine_negatives(read_jsonl(input), index, depth=depth, n_negatives=n_negatives, skip_top=skip_top, seed=seed)
     write_jsonl(triples, output)
     if tsv:
@@ -202,11 +200,9 @@ def rerank(
     if run:
         first = read_run(run)
     else:
-        from .bm25 import get_index
+        from .bm25 import build_index
 
-        index = get_index("bm25s")
-        index.build(list(docs.values()))
-        first = index.search(qs, max(depth, 1000))  # deeper than reranked: recall stays comparable
+        first = build_index(docs).search(qs, max(depth, 1000))  # deeper than reranked: recall stays comparable
     reranked = rerank_run(first, qs, docs, load_reranker(model, batch_size=batch_size, max_length=max_length), depth=depth)
     reranked = with_tail(reranked, first)
     write_run(reranked, output, tag="reranked")
@@ -224,7 +220,8 @@ def evaluate(
 ):
     """Evaluate runs with ir-measures; print a table."""
     from .corpus import read_jsonl, read_qrels, read_run
-    from .evaluate import evaluate as evaluate_, format_table
+    from .evaluate import evaluate as evaluate_
+    from .evaluate import format_table
     from .stages import fewshot_query_ids
 
     exclude = fewshot_query_ids(read_jsonl(exclude_fewshot)) if exclude_fewshot else set()

@@ -66,7 +66,9 @@ def _read(run: str, relpath: str) -> bytes | None:
             return path.read_bytes()
         except FileNotFoundError:
             return None
-    from .storage import open_storage  # remote runs (gs://) read through the storage interface
+    from .storage import (
+        open_storage,  # remote runs (gs://) read through the storage interface
+    )
 
     try:
         return open_storage(run).read_bytes(relpath)

@@ -292,6 +292,25 @@ def guess_model_type(name_or_path: str) -> str:
     return "cross-encoder"
 
 
+def load_pretrained(model_type: str, name_or_path: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a model type from an HF folder or hub id, as transformers loads it."""
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if model_type == "monot5":
+        model = T5ForConditionalGeneration.from_pretrained(name_or_path)
+    elif model_type == "cross-encoder":
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+    else:
+        model = AutoModel.from_pretrained(name_or_path)
+    return model, tokenizer
+
+
 def load_reranker(
     path_or_name: str,
     *,
@@ -309,8 +328,6 @@ def load_reranker(
     The folder's ``inpars_model.json`` says how to score it; without one the type is guessed from the
     model config (see :func:`guess_model_type`), or forced with ``model_type``.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, T5ForConditionalGeneration
-
     source = resolve_model(path_or_name)
     if source.gguf_file:
         raise ConfigError(f"{path_or_name!r} is a GGUF generator, not a reranker")
@@ -322,13 +339,7 @@ def load_reranker(
     tokens = tuple(relevance_tokens or meta.get("relevance_tokens") or ("true", "false"))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    if kind == "monot5":
-        model = T5ForConditionalGeneration.from_pretrained(where)
-    elif kind == "cross-encoder":
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=1)
-    else:
-        model = AutoModel.from_pretrained(where)
+    model, tokenizer = load_pretrained(kind, where)
     # Inference only, so the weights themselves can be bf16 (no autocast casts on every op).
     model = model.to(device=dev, dtype=dt).eval()
     return Reranker(model, tokenizer, kind, dev, dt, batch_size=batch_size, max_length=max_length,

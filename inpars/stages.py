@@ -47,11 +47,9 @@ def _natural(key: str):
 
 
 def _bm25(config: PipelineConfig, docs):
-    from .bm25 import get_index
+    from .bm25 import build_index
 
-    index = get_index(config.negatives.retriever)
-    index.build(list(docs.values()))
-    return index
+    return build_index(docs, config.negatives.retriever)
 
 
 # --------------------------------------------------------------------------- workers

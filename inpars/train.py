@@ -43,6 +43,7 @@ from .rerank import (
     collate,
     encode_pairs,
     encode_texts,
+    load_pretrained,
     mean_pool,
     monot5_scores,
     pad_multiple,
@@ -91,20 +92,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _load(model_type: str, name_or_path: str) -> tuple[Any, Any]:
-    from transformers import (
-        AutoModel,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        T5ForConditionalGeneration,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if model_type == "monot5":
-        model = T5ForConditionalGeneration.from_pretrained(name_or_path)
-    elif model_type == "cross-encoder":
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
-    else:
-        model = AutoModel.from_pretrained(name_or_path)
+    model, tokenizer = load_pretrained(model_type, name_or_path)
     # Master weights stay fp32 whatever the compute dtype (autocast does the bf16 part).
     return model.float(), tokenizer
 

@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,22 @@ def gcs_emulator(tmp_path_factory):
 def gcs_uri(gcs_emulator) -> str:
     """A fresh ``gs://inpars-test/<unique>`` prefix on the emulator for one test."""
     return f"gs://{EMULATOR_BUCKET}/t-{uuid.uuid4().hex[:10]}"
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
+
+
+@pytest.fixture(scope="session")
+def docs():
+    """The embedded SciFact sample corpus, ``{doc_id: Document}``."""
+    from inpars.corpus import read_corpus
+
+    return read_corpus(SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def index(docs):
+    """A bm25s index of the sample corpus."""
+    from inpars.bm25 import build_index
+
+    return build_index(docs)

@@ -9,7 +9,15 @@ import pytest
 
 from inpars.config import PipelineConfig
 from inpars.errors import ConfigError
-from inpars.launch.beir import BEIR_DATASETS, CQADUPSTACK_FORUMS, RunResult, plan_beir, prompt_for, run_many, summary_table
+from inpars.launch.beir import (
+    BEIR_DATASETS,
+    CQADUPSTACK_FORUMS,
+    RunResult,
+    plan_beir,
+    prompt_for,
+    run_many,
+    summary_table,
+)
 from inpars.launch.plan import plan_pipeline
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from inpars.bm25 import BM25sIndex, PyseriniIndex, available_backends, build_index, get_index, load_index
+from inpars.bm25 import (
+    BM25sIndex,
+    PyseriniIndex,
+    available_backends,
+    build_index,
+    get_index,
+    load_index,
+)
 from inpars.corpus import Document, read_corpus, read_qrels, read_queries
 from inpars.errors import ConfigError, InputError
 

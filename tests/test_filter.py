@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from inpars.bm25 import BM25Index, build_index
+from inpars.bm25 import BM25Index
 from inpars.config import FilterConfig
-from inpars.corpus import Document, read_corpus
+from inpars.corpus import Document
 from inpars.errors import ConfigError, InputError
 from inpars.filter import drop_counts, filter_queries, is_copied, normalize
 
@@ -36,16 +36,6 @@ def row(qid: str, query: str, doc: Document, log_probs=(-1.0,)) -> dict:
 def cfg(**kw) -> FilterConfig:
     base = dict(keep_fraction=None, min_query_tokens=3, max_query_tokens=30)
     return dataclasses.replace(FilterConfig(), **(base | kw))
-
-
-@pytest.fixture(scope="module")
-def docs() -> dict[str, Document]:
-    return read_corpus(SAMPLE)
-
-
-@pytest.fixture(scope="module")
-def index(docs):
-    return build_index(docs)
 
 
 @pytest.fixture(scope="module")

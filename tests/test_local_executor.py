@@ -12,7 +12,13 @@ import pytest
 
 from inpars.config import PipelineConfig
 from inpars.errors import EXIT_PERMANENT
-from inpars.launch.local import StageFailed, read_logs, run_jobs, stage_rows, stage_table
+from inpars.launch.local import (
+    StageFailed,
+    read_logs,
+    run_jobs,
+    stage_rows,
+    stage_table,
+)
 from inpars.launch.plan import StageJob
 from inpars.workspace import Run
 

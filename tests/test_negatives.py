@@ -7,21 +7,11 @@ from pathlib import Path
 import pytest
 
 from inpars.bm25 import build_index
-from inpars.corpus import Document, read_corpus
+from inpars.corpus import Document
 from inpars.errors import InputError
 from inpars.negatives import mine_negatives, write_triples_tsv
 
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
-
-
-@pytest.fixture(scope="module")
-def docs() -> dict[str, Document]:
-    return read_corpus(SAMPLE)
-
-
-@pytest.fixture(scope="module")
-def index(docs):
-    return build_index(docs)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,13 @@ import torch
 from inpars.corpus import read_corpus, read_qrels, read_queries
 from inpars.errors import InputError
 from inpars.models import resolve_model
-from inpars.rerank import choose_fusion_weight, fuse_runs, guess_model_type, load_reranker, rerank_run
+from inpars.rerank import (
+    choose_fusion_weight,
+    fuse_runs,
+    guess_model_type,
+    load_reranker,
+    rerank_run,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
 

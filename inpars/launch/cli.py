@@ -16,8 +16,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..config import PipelineConfig
 from ..cli import _cli  # one place turns permanent errors into a line + exit code 42
+from ..config import PipelineConfig
 from ..errors import InParsError
 from .plan import plan_pipeline, stage_shards
 

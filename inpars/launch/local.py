@@ -284,7 +284,14 @@ class _Progress:
     """A rich progress bar per stage: shards done/total, rows (from completion markers), rate, ETA."""
 
     def __init__(self, job: StageJob, run: Run | None, already: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.job, self.run = job, run
         self.progress = Progress(
