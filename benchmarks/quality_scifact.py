@@ -25,7 +25,8 @@ Configurations (``--configs``, comma-separated): a model, then optional ``+lever
   ``bi``      MiniLM bi-encoder, in-batch + hard negatives; evaluated as a DENSE RETRIEVER over the whole
               corpus (the headline row) and, for free from the same embeddings, as a reranker of BM25@100
   levers: ``+deep`` (negatives from deeper BM25 ranks), ``+cons`` (consistency filter instead of
-  scores), ``+nofilter`` (sanity checks only), e.g. ``ce-lce+deep+cons``.
+  scores), ``+nofilter`` (sanity checks only), ``+wise`` (WiSE-FT: the trained weights averaged with
+  the starting ones, ``--keep-initial``, default 0.5), e.g. ``ce-lce+deep+cons``, ``bi+deep+wise``.
 
 Every step is cached under ``--work-dir`` (keyed by the settings that shape it), so a rerun resumes and
 the generation can run on a GPU machine (``--generate-only``) and the rest elsewhere (same work dir, or
@@ -57,7 +58,7 @@ FULL_TEST_QUERIES = 300
 BM25_REFERENCE = 0.676  # the guide's bm25s figure on SciFact test (Pyserini flat: 0.679)
 
 MODELS = {"ce-lce": ("cross-encoder", "lce"), "ce-bce": ("cross-encoder", "bce"), "bi": ("bi-encoder", "lce")}
-LEVERS = ("deep", "cons", "nofilter")
+LEVERS = ("deep", "cons", "nofilter", "wise")
 MEASURES = ["nDCG@10", "RR@10", "R@100"]
 
 
@@ -131,6 +132,7 @@ def parse_config(name: str) -> dict:
         "loss": loss,
         "filter": "consistency" if "cons" in levers else "none" if "nofilter" in levers else "scores",
         "negatives": "deep" if "deep" in levers else "top",
+        "wise": "wise" in levers,  # average the trained weights with the starting ones (--keep-initial)
     }
 
 
@@ -475,7 +477,10 @@ class Benchmark:
     def train_settings(self, cfg: dict) -> dict:
         a = self.args
         return {"config": cfg["name"], "epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.train_batch_size,
-                "learning_rate": a.lr, "max_length": 256, "seed": a.seed}
+                "learning_rate": a.lr, "max_length": 256, "seed": a.seed, "keep_initial": self.keep_initial(cfg)}
+
+    def keep_initial(self, cfg: dict) -> float:
+        return self.args.keep_initial if cfg.get("wise") else 0.0
 
     def run_config(self, cfg: dict, kept_by, held_queries, held_qrels, test_queries, bm25_test, bm25_held) -> dict:
         from inpars.config import TrainConfig
@@ -501,10 +506,14 @@ class Benchmark:
             if stats_path.exists():
                 t["cached"] = True
                 stats = _read_json(stats_path)
+            elif cfg.get("wise") and (stats := self._average_with_start(cfg, model_dir)) is not None:
+                t["from"] = "the trained twin without +wise"
+                _write_json(stats_path, stats)
             else:
                 tc = TrainConfig(model_type=cfg["model_type"], model="minilm-l6", loss=cfg["loss"], learning_rate=a.lr,
                                  batch_size=a.train_batch_size, epochs=a.epochs, max_steps=a.max_steps, max_length=256,
-                                 seed=a.seed, device=a.device, held_out_fraction=a.held_out_fraction)
+                                 seed=a.seed, device=a.device, held_out_fraction=a.held_out_fraction,
+                                 keep_initial=self.keep_initial(cfg))
                 stats = train_model(train_rows, self.docs, tc, model_dir)
                 _write_json(stats_path, stats)
             t.update(steps=stats.get("steps"), final_loss=round(stats.get("final_loss", float("nan")), 4))
@@ -538,6 +547,29 @@ class Benchmark:
         if extra is not None:
             result["systems"][f"{name} (rerank BM25@{a.rerank_depth})"] = extra
         return result
+
+    def _average_with_start(self, cfg: dict, model_dir: Path) -> dict | None:
+        """``+wise`` when its twin without ``+wise`` is already trained: the twin's weights averaged with
+        the starting ones. ``train_model(keep_initial=a)`` trains exactly the twin (same rows, seed and
+        schedule) and then averages, so this saves one training run; ``None`` when there is no twin."""
+        import shutil
+
+        from inpars.models import resolve_model
+        from inpars.rerank import METADATA_FILE, load_pretrained
+        from inpars.train import interpolate_weights, snapshot_weights
+
+        twin = parse_config("+".join(p for p in cfg["name"].split("+") if p != "wise"))
+        twin_dir = self.data_dir / "models" / f"{twin['name']}-{_key(self.train_settings(twin))}"
+        if not (twin_dir / "train_stats.json").exists():
+            return None
+        trained, tokenizer = load_pretrained(cfg["model_type"], str(twin_dir))
+        start, _, info = load_pretrained(cfg["model_type"], resolve_model("minilm-l6").name_or_path, loading_info=True)
+        interpolate_weights(trained, snapshot_weights(start, set(info.get("missing_keys") or ())), self.args.keep_initial)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        trained.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        shutil.copy2(twin_dir / METADATA_FILE, model_dir / METADATA_FILE)
+        return {**_read_json(twin_dir / "train_stats.json"), "keep_initial": self.args.keep_initial, "averaged_from": twin_dir.name}
 
     # ----------------------------------------------------------------- 6. baselines
 
@@ -657,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--train-batch-size", type=int, default=16, help="groups (query + positive + negatives) per step")
     g.add_argument("--lr", type=float, default=None, help="default: 3e-5")
+    g.add_argument("--keep-initial", type=float, default=0.5, help="+wise: share of the starting weights averaged back in (WiSE-FT)")
     g.add_argument("--held-out-fraction", type=float, default=0.1, help="synthetic queries kept aside for the fusion weight")
     g.add_argument("--rerank-depth", type=int, default=100)
     g.add_argument("--rerank-batch-size", type=int, default=32)

@@ -94,6 +94,9 @@ class TrainConfig:
     device: str = "auto"
     relevance_tokens: tuple[str, str] = ("true", "false")  # monoT5; FLAN style: ("yes", "no")
     held_out_fraction: float = 0.1  # synthetic queries kept aside (fusion weight, validation)
+    # Share of the starting weights averaged back into the trained ones at the end (WiSE-FT): weak
+    # synthetic queries can pull a good pretrained model off course; 0 = plain fine-tuning.
+    keep_initial: float = 0.0
 
 
 @dataclass

@@ -17,6 +17,7 @@ length so that each batch is padded only to its own longest pair, scored under
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .corpus import Document
@@ -76,9 +78,13 @@ def relevance_token_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int
 def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
     """Tokenize (query, document) pairs, unpadded, each at most ``max_length`` tokens.
 
-    Both kinds truncate "longest first" (the document, unless the query is the longer), so a long
-    query cannot push the document out. monoT5 inputs keep their trailing ``Relevant:`` (which the
-    model was trained to answer after) whatever is cut.
+    Each distinct query and document is tokenized once and the pairs are assembled from the pieces: a
+    reranking depth of 100 repeats every query 100 times, and across queries the same documents recur,
+    so tokenizing every pair (what a plain loop does) repeats most of the work.
+
+    Both kinds truncate "longest first" exactly as the tokenizers library does (the document, unless
+    the query is the longer), so a long query cannot push the document out. monoT5 inputs keep their
+    trailing ``Relevant:`` (which the model was trained to answer after) whatever is cut.
     """
     if model_type == "monot5":
         suffix = tokenizer(" Relevant:", add_special_tokens=False)["input_ids"]
@@ -86,28 +92,75 @@ def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: 
         budget = max_length - len(suffix) - len(eos)
         if budget < 8:
             raise ConfigError(f"max_length {max_length} is too short for a monoT5 input")
-        q_ids = tokenizer([f"Query: {q}" for q in queries], add_special_tokens=False)["input_ids"]
-        d_ids = tokenizer([f" Document: {d}" for d in docs], add_special_tokens=False)["input_ids"]
+        q_ids = _tokenize_distinct(tokenizer, queries, "Query: {}")
+        d_ids = _tokenize_distinct(tokenizer, docs, " Document: {}")
         out = []
-        for q, d in zip(q_ids, d_ids):
-            nq, nd = _longest_first(len(q), len(d), budget)
-            out.append({"input_ids": q[:nq] + d[:nd] + suffix + eos})
+        for q, d in zip(queries, docs):
+            a, b = q_ids[q], d_ids[d]
+            nq, nd = _longest_first(len(a), len(b), budget)
+            out.append({"input_ids": a[:nq] + b[:nd] + suffix + eos})
         return out
-    enc = tokenizer(list(queries), list(docs), truncation="longest_first", max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    return [{k: enc[k][i] for k in keys} for i in range(len(queries))]
+    template = _pair_template(tokenizer)
+    if template is None:  # a slow (Python) tokenizer: no sequence ids to learn the layout from
+        enc = tokenizer(list(queries), list(docs), truncation="longest_first", max_length=max_length)
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        return [{k: enc[k][i] for k in keys} for i in range(len(queries))]
+    n_special = sum(1 for piece in template if piece[0] == "special")
+    budget = max_length - n_special
+    if budget < 2:
+        raise ConfigError(f"max_length {max_length} is too short for a (query, document) pair")
+    q_ids, d_ids = _tokenize_distinct(tokenizer, queries), _tokenize_distinct(tokenizer, docs)
+    with_types = any(piece[2] for piece in template) or "token_type_ids" in tokenizer.model_input_names
+    out = []
+    for q, d in zip(queries, docs):
+        a, b = q_ids[q], d_ids[d]
+        nq, nd = _longest_first(len(a), len(b), budget)
+        segments = (a[:nq], b[:nd])
+        ids: list[int] = []
+        types: list[int] = []
+        for kind, value, type_id in template:
+            piece = [value] if kind == "special" else segments[value]
+            ids += piece
+            types += [type_id] * len(piece)
+        out.append({"input_ids": ids, "token_type_ids": types} if with_types else {"input_ids": ids})
+    return out
+
+
+def _tokenize_distinct(tokenizer: Any, texts: Sequence[str], form: str = "{}") -> dict[str, list[int]]:
+    """Token ids (no special tokens) of each distinct text, tokenized in one batch call."""
+    distinct = list(dict.fromkeys(texts))
+    ids = tokenizer([form.format(t) for t in distinct], add_special_tokens=False)["input_ids"] if distinct else []
+    return dict(zip(distinct, ids))
+
+
+def _pair_template(tokenizer: Any) -> list[tuple[str, int, int]] | None:
+    """The tokenizer's own layout of a pair, learnt from one encoded example: ``("special", id, type)``
+    and ``("segment", 0 or 1, type)`` in order (BERT: [CLS] q [SEP] d [SEP]; RoBERTa: <s> q </s></s> d </s>).
+    ``None`` for slow tokenizers, which cannot say which token came from which text."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer("query", "document")
+    types = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+    template: list[tuple[str, int, int]] = []
+    for token, seq, type_id in zip(enc["input_ids"], enc.sequence_ids(), types):
+        if seq is None:
+            template.append(("special", token, type_id))
+        elif not template or template[-1][:2] != ("segment", seq):
+            template.append(("segment", seq, type_id))
+    return template
 
 
 def _longest_first(nq: int, nd: int, budget: int) -> tuple[int, int]:
-    """Lengths to keep of two segments so they fit ``budget``, trimming the longer one first."""
+    """Lengths to keep of two segments so they fit ``budget``: the tokenizers library's ``longest_first``
+    (the longer is cut down to the shorter; if both must be cut, the shorter gets ``budget // 2``)."""
     if nq + nd <= budget:
         return nq, nd
-    half = budget // 2
-    if nq <= half:
-        return nq, budget - nq
-    if nd <= budget - half:
-        return budget - nd, nd
-    return half, budget - half
+    n1, n2 = min(nq, nd), max(nq, nd)
+    n2 = n1 if n1 > budget else max(n1, budget - n1)
+    if n1 + n2 > budget:
+        n1 = budget // 2
+        n2 = n1 + budget % 2
+    return (n2, n1) if nq > nd else (n1, n2)
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
@@ -121,21 +174,17 @@ def collate(features: Sequence[Mapping[str, list[int]]], pad_id: int, device: to
             multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its own longest member (dynamic padding), rounded up to ``multiple_of``
     (fewer distinct shapes: GPU kernels that are planned per shape are planned less often)."""
-    width = max(len(f["input_ids"]) for f in features)
-    width = -(-width // multiple_of) * multiple_of
-    batch: dict[str, torch.Tensor] = {}
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    types = torch.zeros((len(features), width), dtype=torch.long) if "token_type_ids" in features[0] else None
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-        if types is not None:
-            types[i, :n] = torch.tensor(f["token_type_ids"])
-    batch["input_ids"], batch["attention_mask"] = ids, mask
-    if types is not None:
-        batch["token_type_ids"] = types
+    lengths = np.fromiter((len(f["input_ids"]) for f in features), dtype=np.int64, count=len(features))
+    width = -(-int(lengths.max()) // multiple_of) * multiple_of
+    # One flat copy into a numpy buffer, not a tensor per row: on a GPU the host side is the bottleneck.
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.full((len(features), width), pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(f["input_ids"] for f in features), dtype=np.int64, count=int(lengths.sum()))
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+    if "token_type_ids" in features[0]:
+        types = np.zeros((len(features), width), dtype=np.int64)
+        types[mask] = np.fromiter(itertools.chain.from_iterable(f["token_type_ids"] for f in features), dtype=np.int64, count=int(lengths.sum()))
+        batch["token_type_ids"] = torch.from_numpy(types)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
@@ -292,8 +341,10 @@ def guess_model_type(name_or_path: str) -> str:
     return "cross-encoder"
 
 
-def load_pretrained(model_type: str, name_or_path: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a model type from an HF folder or hub id, as transformers loads it."""
+def load_pretrained(model_type: str, name_or_path: str, *, loading_info: bool = False) -> tuple[Any, ...]:
+    """``(model, tokenizer)`` of a model type from an HF folder or hub id, as transformers loads it;
+    with ``loading_info``, ``(model, tokenizer, info)`` where ``info["missing_keys"]`` names the weights
+    that were freshly initialised (e.g. a classification head on an encoder checkpoint)."""
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -303,12 +354,13 @@ def load_pretrained(model_type: str, name_or_path: str) -> tuple[Any, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if model_type == "monot5":
-        model = T5ForConditionalGeneration.from_pretrained(name_or_path)
+        loaded = T5ForConditionalGeneration.from_pretrained(name_or_path, output_loading_info=True)
     elif model_type == "cross-encoder":
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        loaded = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, output_loading_info=True)
     else:
-        model = AutoModel.from_pretrained(name_or_path)
-    return model, tokenizer
+        loaded = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
+    model, info = loaded
+    return (model, tokenizer, info) if loading_info else (model, tokenizer)
 
 
 def load_reranker(

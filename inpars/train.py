@@ -91,10 +91,33 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _load(model_type: str, name_or_path: str) -> tuple[Any, Any]:
-    model, tokenizer = load_pretrained(model_type, name_or_path)
+def _load(model_type: str, name_or_path: str) -> tuple[Any, Any, set[str]]:
+    """The model in fp32, its tokenizer, and the names of the weights the checkpoint did not have."""
+    model, tokenizer, info = load_pretrained(model_type, name_or_path, loading_info=True)
     # Master weights stay fp32 whatever the compute dtype (autocast does the bf16 part).
-    return model.float(), tokenizer
+    return model.float(), tokenizer, set(info.get("missing_keys") or ())
+
+
+def snapshot_weights(model: Any, fresh: set[str]) -> dict[str, torch.Tensor]:
+    """A CPU copy of the checkpoint's own weights (freshly initialised ones are not worth returning to)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in fresh and v.is_floating_point()}
+
+
+@torch.no_grad()
+def interpolate_weights(model: Any, initial: Mapping[str, torch.Tensor], keep_initial: float) -> int:
+    """WiSE-FT (Wortsman et al., 2022): ``w = (1 - a) * trained + a * initial`` for every weight in
+    ``initial``; returns how many tensors were mixed."""
+    if not 0.0 <= keep_initial <= 1.0:
+        raise ConfigError(f"train.keep_initial must be in [0, 1], got {keep_initial}")
+    state = model.state_dict()
+    done: set[int] = set()  # tied weights (T5's shared embeddings) appear under several names: mix once
+    for name, start in initial.items():
+        target = state[name]
+        if target.data_ptr() in done:
+            continue
+        done.add(target.data_ptr())
+        target.lerp_(start.to(target.device, target.dtype), keep_initial)
+    return len(done)
 
 
 class _Objective:
@@ -186,6 +209,8 @@ def train_model(
         raise ConfigError(f"unknown train.model_type {config.model_type!r} (one of {', '.join(MODEL_TYPES)})")
     if config.loss not in LOSSES:
         raise ConfigError(f"unknown train.loss {config.loss!r} (one of {', '.join(LOSSES)})")
+    if not 0.0 <= config.keep_initial <= 1.0:
+        raise ConfigError(f"train.keep_initial must be in [0, 1], got {config.keep_initial}")
     if config.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.batch_size}")
     groups = _check_examples(examples, docs)
@@ -200,7 +225,8 @@ def train_model(
 
     _seed_everything(config.seed)
     source = resolve_model(config.model)
-    model, tokenizer = _load(config.model_type, source.name_or_path)
+    model, tokenizer, fresh = _load(config.model_type, source.name_or_path)
+    initial = snapshot_weights(model, fresh) if config.keep_initial > 0 else None
     model.to(device).train()
     objective = _Objective(config.model_type, config.loss, model, tokenizer, docs, config.max_length, device, config.relevance_tokens)
 
@@ -245,6 +271,8 @@ def train_model(
             on_progress(step, total, value)
     bar.close()
     seconds = time.perf_counter() - started
+    if initial is not None:
+        interpolate_weights(model, initial, config.keep_initial)
 
     stats = {
         "model_type": config.model_type,
@@ -255,6 +283,7 @@ def train_model(
         "epochs": total / steps_per_epoch,
         "batch_size": config.batch_size,
         "learning_rate": lr,
+        "keep_initial": config.keep_initial,
         "final_loss": losses[-1],
         "loss_curve": _curve(losses),
         "seconds": round(seconds, 3),
@@ -291,7 +320,7 @@ def _save(model: Any, tokenizer: Any, config: TrainConfig, base: str, stats: dic
         "loss": config.loss,
         "pooling": "mean" if config.model_type == "bi-encoder" else None,
         "similarity": "cosine" if config.model_type == "bi-encoder" else None,
-        "training": {k: stats[k] for k in ("examples", "steps", "learning_rate", "batch_size", "seed", "final_loss")},
+        "training": {k: stats[k] for k in ("examples", "steps", "learning_rate", "batch_size", "seed", "keep_initial", "final_loss")},
     }
     (output_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 

@@ -32,6 +32,7 @@ def test_config_grammar(qs):
     assert qs.parse_config("ce-bce")["loss"] == "bce"
     b = qs.parse_config("bi+nofilter")
     assert (b["model_type"], b["filter"], b["negatives"]) == ("bi-encoder", "none", "top")
+    assert not b["wise"] and qs.parse_config("bi+deep+wise")["wise"]
     for bad in ("monot5", "ce-lce+deeper", "ce-lce+cons+nofilter", "bi+deep+deep"):
         with pytest.raises(ConfigError):
             qs.parse_config(bad)

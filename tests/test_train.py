@@ -204,3 +204,47 @@ def test_cross_encoder_bce_on_a_tiny_bert(sample, tmp_path):
     rr = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=64)
     assert rr.model_type == "cross-encoder"  # from inpars_model.json, though the base was a bare BertModel
     assert len(rr.score([(r["query"], docs[r["pos_doc_id"]].contents) for r in rows])) == 4
+
+
+def _tiny_bert(folder: Path) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from inpars.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").name_or_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_keep_initial_averages_trained_and_starting_weights(sample, tmp_path):
+    """WiSE-FT: keep_initial=a saves (1-a)*trained + a*initial for every checkpoint weight, while a
+    freshly initialised head (not in the checkpoint) keeps its trained value."""
+    docs = sample[0]
+    base = _tiny_bert(tmp_path / "bert")
+    rows = make_groups(sample, 4, n_neg=1)
+    runs = {}
+    for a in (0.0, 0.25, 1.0):
+        cfg = TrainConfig(model_type="cross-encoder", model=base, loss="lce", batch_size=4, max_steps=3,
+                          max_length=64, learning_rate=1e-3, keep_initial=a)
+        stats = train_model(rows, docs, cfg, tmp_path / f"ce-{a}")
+        assert stats["keep_initial"] == a
+        runs[a] = _weights(tmp_path / f"ce-{a}")
+    start = _weights(tmp_path / "bert")
+    name = next(k for k in runs[0.0] if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    start_name = next(k for k in start if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert not torch.allclose(runs[0.0][name], start[start_name])  # training moved it
+    assert torch.equal(runs[1.0][name], start[start_name])
+    assert torch.allclose(runs[0.25][name], 0.75 * runs[0.0][name] + 0.25 * start[start_name], atol=1e-6)
+    # The classification head is new: it is not pulled back to its random initialisation.
+    assert torch.equal(runs[1.0]["classifier.weight"], runs[0.0]["classifier.weight"])
+    with pytest.raises(ConfigError, match="keep_initial"):
+        train_model(rows, docs, TrainConfig(model=base, keep_initial=1.5, max_steps=1), tmp_path / "bad")
