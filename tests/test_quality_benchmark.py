@@ -40,7 +40,7 @@ def test_config_grammar(qs):
 
 def test_table_and_targets(qs):
     def row(v, diff=None):
-        r = {"nDCG@10": v, "R@100": 0.9}
+        r = {"nDCG@10": v, "R@100": 0.9, "per_query_nDCG@10": {str(i): v + (0.05 if i % 2 else -0.05) for i in range(10)}}
         if diff is not None:
             r["vs_bm25"] = {"mean_diff": diff, "ci_low": diff - 0.01, "ci_high": diff + 0.01, "wins": 3, "losses": 1, "ties": 6}
         return r
@@ -52,6 +52,7 @@ def test_table_and_targets(qs):
     goals = qs.targets(results, ["ce-lce"], ["ce-lce + BM25 (w=0.7)"], "zero-shot hybrid (w=0.3)")
     assert [g["met"] for g in goals] == [True, False]
     assert goals[0]["ci"] == "above 0"
+    assert goals[1]["vs_hybrid"]["mean_diff"] == pytest.approx(-0.014) and goals[1]["ci"] == "below 0"
 
 
 def test_missing_data_exits_cleanly(tmp_path):
