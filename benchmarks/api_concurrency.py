@@ -16,9 +16,7 @@ remote API's network round trip, which is what client concurrency hides.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -29,6 +27,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 KEY_ENV = "INPARS_BENCH_API_KEY"
 TEMPLATE = (
     "Example 1:\nDocument: Aspirin lowers fever and pain by blocking COX enzymes.\nRelevant Query: how does aspirin reduce fever\n\n"
@@ -135,12 +135,10 @@ def main() -> int:
         "median_docs_per_s": {str(c): round(v, 4) for c, v in median.items()},
         "speedup": round(median[hi] / median[lo], 3),
         "same_queries": f"{same}/{len(prompts)}",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "machine": machine(),
     }
     print(f"speedup {hi} vs {lo}: {result['speedup']}x (median docs/s); same queries {result['same_queries']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
     return 0
 
 

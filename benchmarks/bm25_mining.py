@@ -10,14 +10,13 @@ and queries/s, and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 
 
@@ -78,18 +77,12 @@ def main() -> int:
         "search_seconds": round(search_s, 3),
         "search_queries_per_second": round(len(queries) / search_s, 1),
         "run_hits": hits,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),  # a busy shared machine inflates the times
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine(),
     }
     print(f"index: {index_s:.2f} s for {len(docs)} docs")
     print(f"retrieve (arrays): {retrieve_s:.2f} s, {len(queries) / retrieve_s:.0f} queries/s (top-{args.k}, {index.n_threads} threads)")
     print(f"search (run dict): {search_s:.2f} s, {len(queries) / search_s:.0f} queries/s, {hits} hits")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_results(result, args.out)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 MEASURES = ("nDCG@10", "R@100", "RR@10")
 REFERENCE = {"bm25s nDCG@10 (field guide)": 0.676, "Pyserini BM25 flat nDCG@10 (published)": 0.679}
@@ -83,19 +84,6 @@ def versions() -> dict:
     out["java_home"] = home
     out["python"] = platform.python_version()
     return out
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "cpu_count": os.cpu_count(), "arch": platform.machine(),
-            "system": platform.system(), "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
@@ -181,10 +169,7 @@ def main() -> int:
         "versions": versions(),
         "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_results(result, args.out)
     return 0
 
 

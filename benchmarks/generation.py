@@ -17,9 +17,6 @@ plus 2 x vocab x hidden per logit row) over the bf16 matmul rate measured in the
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 
 from inpars.backends.transformers_backend import TransformersBackend
 from inpars.corpus import read_corpus
@@ -135,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     same32 = sum(a == r["query"] for a, r in zip(ref, ours32)) / len(ref)
     same_auto = sum(a == r["query"] for a, r in zip(ref, ours)) / len(ref)
     result = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+        "machine": {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"},
         "settings": vars(args),
         "reference": {"docs": len(ref_docs), "seconds": ref_s, "docs_per_s": ref_rate,
@@ -164,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"reference: {ref_flops / len(ref_docs) / 1e9:.1f} GFLOP/doc ({result['compute_bound']['reference_over_ours_flops']:.1f}x ours), "
           f"fp32 matmul rate {rate32 / 1e9:.0f} GFLOP/s, fraction reached {result['reference']['fraction_of_fp32_bound']:.0%}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(result, args.out)
     return result
 
 

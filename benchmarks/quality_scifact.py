@@ -563,9 +563,9 @@ class Benchmark:
         twin_dir = self.data_dir / "models" / f"{twin['name']}-{_key(self.train_settings(twin))}"
         if not (twin_dir / "train_stats.json").exists():
             return None
-        trained, tokenizer = load_pretrained(cfg["model_type"], str(twin_dir))
-        start, _, info = load_pretrained(cfg["model_type"], resolve_model("minilm-l6").name_or_path, loading_info=True)
-        interpolate_weights(trained, snapshot_weights(start, set(info.get("missing_keys") or ())), self.args.keep_initial)
+        trained, tokenizer, _ = load_pretrained(cfg["model_type"], str(twin_dir))
+        start, _, fresh = load_pretrained(cfg["model_type"], resolve_model("minilm-l6").name_or_path)
+        interpolate_weights(trained, snapshot_weights(start, fresh), self.args.keep_initial)
         model_dir.mkdir(parents=True, exist_ok=True)
         trained.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)

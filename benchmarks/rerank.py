@@ -13,8 +13,6 @@ ones (max |difference|, Spearman and Kendall rank correlations); writes JSON to 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import sys
 import time
@@ -24,11 +22,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 
 from inpars.corpus import read_corpus, read_qrels, read_queries  # noqa: E402
 from inpars.models import resolve_model  # noqa: E402
-from inpars.rerank import collate, encode_pairs, load_reranker  # noqa: E402
+from inpars.rerank import encode_pairs, load_reranker  # noqa: E402
 
 SAMPLE = ROOT / "inpars" / "data" / "scifact-sample"
 
@@ -52,12 +52,12 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 def make_rerank_pairs(n: int, depth: int) -> list[tuple[str, str]]:
     """The reranking stage's own workload: each sample query with its BM25 top ``depth``, in run
     order (queries repeat ``depth`` times; popular documents recur across queries), ``n`` pairs."""
-    from inpars.bm25 import BM25sIndex
+    from inpars.bm25 import build_index
 
     docs, queries = read_corpus(SAMPLE), read_queries(SAMPLE)
     qrels = read_qrels(SAMPLE / "qrels" / "test.tsv")
     qids = sorted(q for q in qrels if q in queries)
-    run = BM25sIndex().build(list(docs.values())).search({q: queries[q] for q in qids}, depth)
+    run = build_index(docs).search({q: queries[q] for q in qids}, depth)
     pairs = [(queries[q], docs[d].contents) for q in qids for d in sorted(run[q], key=lambda d: -run[q][d])]
     return pairs[:n]
 
@@ -82,11 +82,11 @@ def naive_prep(tokenizer, pairs, *, batch_size: int, max_length: int) -> None:
 
 
 def ours_prep(reranker, pairs) -> None:
-    """Ours, host side alone: tokenize each distinct text once, assemble the pairs, pad sorted batches."""
+    """Ours, host side alone: tokenize each distinct text once, assemble the pairs, pad sorted batches
+    (the very steps of ``Reranker.score``, without the model)."""
     features = encode_pairs(reranker.tokenizer, reranker.model_type, [q for q, _ in pairs], [d for _, d in pairs], reranker.max_length)
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-    for s in range(0, len(order), reranker.batch_size):
-        collate([features[i] for i in order[s : s + reranker.batch_size]], reranker.tokenizer.pad_token_id or 0)
+    for _ in reranker.batches(features):
+        pass
 
 
 def timed(fn):
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_batch_size": ours.batch_size,
         "max_length": args.max_length,
         "device": str(ours.device),
-        "device_name": torch.cuda.get_device_name(ours.device) if ours.device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
         "torch": torch.__version__,
         "results": results,
         "host_prep": prep,
@@ -195,10 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"host-side tokenize+pad: plain {prep['naive_us_per_pair']} us/pair, ours {prep['ours_us_per_pair']} us/pair ({prep['speedup']}x)")
     print(f"max |score diff| {report['max_abs_diff']:.4g} (score spread {spread:.4g}); "
           f"Spearman {report['spearman']:.4f}, Kendall tau {report['kendall_tau']:.4f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_results(report, args.out)
     return report
 
 

