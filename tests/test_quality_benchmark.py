@@ -60,3 +60,27 @@ def test_missing_data_exits_cleanly(tmp_path):
     assert proc.returncode == 0
     assert "SciFact not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compare_quality_matches_systems_across_fusion_weights(tmp_path):
+    """Two runs' systems are paired by name whatever weight each run's held-out queries chose."""
+    import json
+
+    a = {"per_query_nDCG@10": {"BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5},
+                               "bi (dense) + BM25 (w=0.7)": {"q1": 0.6, "q2": 0.4, "q3": 0.5},
+                               "only in A": {"q1": 1.0, "q2": 1.0, "q3": 1.0}}}
+    b = {"per_query_nDCG@10": {"BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5},
+                               "bi (dense) + BM25 (w=0.5)": {"q1": 0.9, "q2": 0.4, "q3": 0.2}}}
+    paths = []
+    for name, run in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = tmp_path / "cmp.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "compare_quality.py"), *map(str, paths), "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
+    assert set(rows) == {"BM25", "bi (dense) + BM25"}
+    fused = rows["bi (dense) + BM25"]
+    assert (fused["a"], fused["b"]) == ("bi (dense) + BM25 (w=0.7)", "bi (dense) + BM25 (w=0.5)")
+    assert fused["mean_diff"] == pytest.approx(0.0) and (fused["wins"], fused["losses"], fused["ties"]) == (1, 1, 1)
+    assert rows["BM25"]["mean_diff"] == 0 and "BM25 weight 0.7 / 0.5" in done.stdout

@@ -224,7 +224,9 @@ class TransformersBackend(GenerationBackend):
         return results  # type: ignore[return-value]
 
     def _plain_cache(self) -> bool:
-        # Prefix reuse copies per-layer K/V tensors; sliding-window or recurrent layers do not fit that.
+        # Prefix reuse copies per-layer K/V tensors; recurrent layers do not fit that. Nor do sliding-window
+        # layers (Gemma 3): a row's left padding sits between the prefix and its suffix, and a window counts
+        # cache slots, so a padded row would see fewer prefix tokens than in its batch-1 run.
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
