@@ -205,3 +205,25 @@ def test_batched_generation_matches_batch_one_generate(tmp_path, arch):
             assert gen.log_probs == pytest.approx([min(0.0, x) for x in ref_logp[: len(ours)]], abs=1e-5), prompt
             if gen.finish_reason == "stop":  # ours stopped at a newline or EOS: the reference's next token is one
                 assert ref[len(ours)] in backend.newline_ids | backend.stop_ids
+
+
+def test_gguf_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """A reinstalled package (same bytes, new mtime) reuses its conversion; other bytes get their own."""
+    import os
+
+    from inpars.backends.transformers_backend import _gguf_cache_dir
+    from inpars.models import ModelSource
+
+    monkeypatch.setenv("INPARS_CACHE", str(tmp_path / "cache"))
+    blob = bytes(range(256)) * 12_000  # ~3 MiB
+    paths = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "m.gguf")
+        paths[-1].write_bytes(blob)
+    os.utime(paths[1], ns=(1, 1))  # same content, another mtime
+    with open(paths[2], "r+b") as f:  # same name and size, one byte changed in the middle
+        f.seek(len(blob) // 2)
+        f.write(b"\xff")
+    keys = [_gguf_cache_dir(ModelSource(str(p.parent), p.name)) for p in paths]
+    assert keys[0] == keys[1] != keys[2] and keys[0].parent == tmp_path / "cache" / "gguf"
