@@ -16,8 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
+from common import SCIFACT, machine, scifact_missing, write_results  # noqa: E402  (this folder; see common.py)
 
 
 def make_queries(queries: dict[str, str], titles: list[str], n: int) -> dict[str, str]:
@@ -33,7 +32,7 @@ def make_queries(queries: dict[str, str], titles: list[str], n: int) -> dict[str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="SciFact BEIR folder")
+    parser.add_argument("--data", default=str(SCIFACT), help="SciFact BEIR folder")
     parser.add_argument("--n-queries", type=int, default=10_000)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="retrieval threads (default: all cores)")
@@ -41,8 +40,7 @@ def main() -> int:
     args = parser.parse_args()
 
     data = Path(args.data)
-    if not (data / "corpus.jsonl").exists():
-        print(f"SciFact not found at {data} (it lives in ../shared/data/scifact); nothing to benchmark.")
+    if scifact_missing(data):
         return 0
 
     from inpars.bm25 import BM25sIndex

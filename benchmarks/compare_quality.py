@@ -22,8 +22,7 @@ from common import write_results  # noqa: E402  (this folder; see common.py)
 
 from inpars.evaluate import paired_bootstrap  # noqa: E402
 
-WEIGHT = re.compile(r" \(w=[0-9.]+\)")
-FUSION_WEIGHT = re.compile(r"\(w=([0-9.]+)\)")
+WEIGHT = re.compile(r" \(w=([0-9.]+)\)")
 
 
 def systems(run: dict) -> dict[str, tuple[str, dict[str, float]]]:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     width = max(len(r["system"]) for r in rows)
     print(f"{'system'.ljust(width)}  {args.label_a:>8}  {args.label_b:>8}  {'B - A':>7}  95% CI            W/L/T")
     for r in rows:
-        found = [m.group(1) for m in map(FUSION_WEIGHT.search, (r["a"], r["b"])) if m]
+        found = [m.group(1) for m in map(WEIGHT.search, (r["a"], r["b"])) if m]
         weights = f"  BM25 weight {' / '.join(found)}" if found else ""
         print(f"{r['system'].ljust(width)}  {r['mean_a']:8.4f}  {r['mean_b']:8.4f}  {r['mean_diff']:+7.4f}  "
               f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]  {r['wins']}/{r['losses']}/{r['ties']}{weights}")

@@ -51,7 +51,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .` (e.g. the GPU machine)
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when loaded by the tests
+from common import SCIFACT, scifact_missing  # noqa: E402
 DEFAULT_WORK = REPO / "benchmarks" / "results" / "quality_scifact"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "quality_scifact.json"
 FULL_TEST_QUERIES = 300
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", default=str(DEFAULT_DATA), help="BEIR SciFact folder (default: ../shared/data/scifact)")
+    g.add_argument("--data", default=str(SCIFACT), help="BEIR SciFact folder (default: ../shared/data/scifact)")
     g.add_argument("--work-dir", default=str(DEFAULT_WORK), help="cache of every step (resumable)")
     g.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/quality_scifact.json, "
                                                    "quality_scifact.smoke.json for capped runs)")
@@ -706,9 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data = Path(args.data)
-    if not (data / "corpus.jsonl").is_file() or not (data / "qrels" / "test.tsv").is_file() or not (data / "qrels" / "train.tsv").is_file():
-        print(f"quality_scifact: SciFact not found at {data} (needs corpus.jsonl, queries.jsonl, qrels/train.tsv, "
-              "qrels/test.tsv); pass --data. Nothing to do.", file=sys.stderr)
+    if scifact_missing(data, ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"), who="quality_scifact"):
         return 0
     configs = [parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
     started = time.perf_counter()

