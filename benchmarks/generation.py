@@ -75,7 +75,7 @@ def reference_queries(backend: TransformersBackend, prompts: list[str], max_new_
 
 def run_ours(backend, docs, prompt, args) -> tuple[list[dict], float]:
     backend.stats.update(forward_tokens=0, logit_rows=0)
-    backend._prefix = None  # the shared-prefix cache is part of the measured work
+    backend.forget_prefix()  # the shared-prefix cache is part of the measured work
     t = time.perf_counter()
     rows = generate_queries(docs, backend, prompt, max_new_tokens=args.max_new_tokens, max_doc_tokens=args.max_doc_tokens,
                             batch_size=args.batch_size)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     fp32.close()
 
     auto = TransformersBackend(args.model, dtype="auto", batch_size=args.batch_size, device=args.device)
-    reuse = "prefix cache" if auto._prefix_cache else "no prefix cache (sliding-window attention)"
+    reuse = "prefix cache" if auto.reuses_prefix else "no prefix cache (sliding-window attention)"
     print(f"ours ({auto.dtype}, batch {args.batch_size}, {reuse}) on {len(docs)} docs...", flush=True)
     ours, ours_s = run_ours(auto, docs, prompt, args)
     print(f"  {len(docs) / ours_s:.3f} docs/s", flush=True)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "fraction_of_fp32_bound": (ref_flops / ref_s) / rate32},
         "ours_fp32": {"docs": len(docs), "seconds": ours32_s, "docs_per_s": len(docs) / ours32_s,
                       "same_queries_as_reference": same32, "speedup": len(docs) / ours32_s / ref_rate},
-        "ours": {"dtype": str(auto.dtype), "prefix_cache": auto._prefix_cache, "docs": len(docs), "seconds": ours_s, "docs_per_s": ours_rate,
+        "ours": {"dtype": str(auto.dtype), "prefix_cache": auto.reuses_prefix, "docs": len(docs), "seconds": ours_s, "docs_per_s": ours_rate,
                  "same_queries_as_reference": same_auto, "forward_tokens_per_doc": stats["forward_tokens"] / len(docs)},
         "speedup": ours_rate / ref_rate,
         "compute_bound": {"matmul_flops_per_s": rate, "fp32_matmul_flops_per_s": rate32, "flops_per_doc": flops / len(docs),

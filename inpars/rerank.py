@@ -11,11 +11,13 @@ Three model families share one :class:`Reranker` interface:
 
 Speed comes from doing less work, not from approximations: pairs are tokenized once, sorted by
 length so that each batch is padded only to its own longest pair, scored under
-``torch.inference_mode()`` in bf16 where the hardware has it, and put back in input order.
+``torch.inference_mode()`` in bf16 where the hardware has it, and put back in input order. On a GPU the
+host pads the next batches (into pinned memory) while the device computes the queued ones.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -40,9 +42,6 @@ MODEL_TYPES = ("cross-encoder", "monot5", "bi-encoder")
 METADATA_FILE = "inpars_model.json"  # written by inpars.train next to the HF model files
 T5_MODEL_TYPES = ("t5", "mt5", "umt5", "byt5")
 Run = dict[str, dict[str, float]]
-
-
-# --------------------------------------------------------------------------- device and dtype
 
 
 # --------------------------------------------------------------------------- pair encoding (shared with training)
@@ -129,7 +128,8 @@ def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: 
 def _tokenize_distinct(tokenizer: Any, texts: Sequence[str], form: str = "{}") -> dict[str, list[int]]:
     """Token ids (no special tokens) of each distinct text, tokenized in one batch call."""
     distinct = list(dict.fromkeys(texts))
-    ids = tokenizer([form.format(t) for t in distinct], add_special_tokens=False)["input_ids"] if distinct else []
+    # verbose=False: texts longer than the model takes are expected here; pairs are cut when assembled.
+    ids = tokenizer([form.format(t) for t in distinct], add_special_tokens=False, verbose=False)["input_ids"] if distinct else []
     return dict(zip(distinct, ids))
 
 
@@ -179,16 +179,23 @@ def collate(features: Sequence[Mapping[str, list[int]]], pad_id: int, device: to
     # One flat copy into a numpy buffer, not a tensor per row: on a GPU the host side is the bottleneck.
     mask = np.arange(width)[None, :] < lengths[:, None]
 
-    def padded(key: str, pad: int) -> torch.Tensor:
-        out = np.full(mask.shape, pad, dtype=np.int64)
-        out[mask] = np.fromiter(itertools.chain.from_iterable(f[key] for f in features), dtype=np.int64, count=int(lengths.sum()))
-        return torch.from_numpy(out)
+    # For CUDA the buffers are pinned and copied without blocking: a plain copy waits for the GPU to
+    # finish the batches already queued, so padding the next batch could not overlap their compute.
+    pinned = device is not None and device.type == "cuda"
 
-    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+    def padded(values: np.ndarray | int, pad: int) -> torch.Tensor:
+        out = torch.full(mask.shape, pad, dtype=torch.int64, pin_memory=pinned)
+        out.numpy()[mask] = values
+        return out
+
+    def flat(key: str) -> np.ndarray:
+        return np.fromiter(itertools.chain.from_iterable(f[key] for f in features), dtype=np.int64, count=int(lengths.sum()))
+
+    batch = {"input_ids": padded(flat("input_ids"), pad_id), "attention_mask": padded(1, 0)}
     if "token_type_ids" in features[0]:
-        batch["token_type_ids"] = padded("token_type_ids", 0)
+        batch["token_type_ids"] = padded(flat("token_type_ids"), 0)
     if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=pinned) for k, v in batch.items()}
     return batch
 
 
@@ -288,11 +295,25 @@ class Reranker:
 
     def _run_sorted(self, features: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> list:
         results: list = [None] * len(features)
+        queued: collections.deque[tuple[list[int], torch.Tensor]] = collections.deque()
+
+        def collect(keep: int) -> None:
+            while len(queued) > keep:
+                idx, out = queued.popleft()
+                for i, value in zip(idx, out.cpu().tolist()):
+                    results[i] = value
+
         with torch.inference_mode(), _attention_backends(self.device):
             for idx, batch in self.batches(features):
-                for i, value in zip(idx, forward(batch).cpu().tolist()):
-                    results[i] = value
+                queued.append((idx, forward(batch)))
+                # Read results IN_FLIGHT batches behind: on a GPU, ``.cpu()`` waits for the device, and
+                # the batches still queued keep it busy while the host pads the next one.
+                collect(keep=IN_FLIGHT)
+            collect(keep=0)
         return results
+
+
+IN_FLIGHT = 2  # batches queued on the device beyond the one being read back (only outputs are held)
 
 
 PAD_MULTIPLE = 16  # CUDA batch widths are rounded up to this: at most max_length/16 distinct shapes

@@ -191,7 +191,8 @@ def test_batched_generation_matches_batch_one_generate(tmp_path, arch):
     prefix = "Shared few-shot prefix. "
     prompts = [prefix + body for body in ("short", "a longer document body that runs well past the window", "mid size body", "x" * 40)]
     gens = backend.generate(prompts, max_new_tokens=6, prefix=prefix)
-    assert (backend._prefix is not None) == (arch == "llama")  # the prefix cache was used where it is exact
+    assert backend.reuses_prefix == (arch == "llama")  # the prefix cache is on where it is exact
+    assert (backend._prefix is not None) == backend.reuses_prefix  # ... and was used
     with torch.inference_mode():
         for prompt, gen in zip(prompts, gens):
             enc = tok(prompt, return_tensors="pt")

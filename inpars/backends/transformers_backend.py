@@ -150,8 +150,18 @@ class TransformersBackend(GenerationBackend):
     def model_identity(self) -> str:
         return self.source.identity
 
-    def close(self) -> None:
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether the shared few-shot prefix's key/value cache is computed once and reused (off for
+        sliding-window attention, where reusing it would change the results)."""
+        return self._prefix_cache
+
+    def forget_prefix(self) -> None:
+        """Drop the cached prefix, so the next batch computes it again (benchmarks time that work)."""
         self._prefix = None
+
+    def close(self) -> None:
+        self.forget_prefix()
         self.model = None
 
     # ----------------------------------------------------------------- tokens
