@@ -153,7 +153,7 @@ def train(
     triples: Path = typer.Option(..., help="triples JSONL from `inpars negatives`"),
     corpus: str = typer.Option(...),
     output_dir: Path = typer.Option(...),
-    model_type: str = typer.Option("cross-encoder", help="cross-encoder | monot5 | bi-encoder"),
+    model_type: str = typer.Option("auto", help="auto (what --model already is) | cross-encoder | monot5 | bi-encoder"),
     model: str = typer.Option("minilm-l6", help="packaged alias, HF hub id (e.g. castorini/monot5-base-msmarco-10k) or local path"),
     loss: str = typer.Option("lce", help="lce (group softmax) | bce (pointwise)"),
     learning_rate: Optional[float] = typer.Option(None, help="default 3e-4 for T5, 3e-5 otherwise"),

@@ -81,7 +81,9 @@ class NegativesConfig:
 
 @dataclass
 class TrainConfig:
-    model_type: str = "cross-encoder"  # cross-encoder | monot5 | bi-encoder
+    # auto: what `model` already is (a sentence-embedding model -> bi-encoder, T5 -> monot5, else
+    # cross-encoder; see inpars.train) | cross-encoder | monot5 | bi-encoder
+    model_type: str = "auto"
     model: str = "minilm-l6"  # packaged alias, HF id or local path
     loss: str = "lce"  # lce (group softmax over positive + negatives) | bce
     learning_rate: float | None = None  # default: 3e-4 for T5, 3e-5 otherwise

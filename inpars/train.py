@@ -13,6 +13,12 @@ One loop, three model families (see :mod:`inpars.rerank` for how each is scored)
   over every document in the batch: the query's positive, its hard negatives and everyone else's
   documents (in-batch negatives).
 
+``auto`` (the default) trains the starting checkpoint as what it already is
+(:func:`inpars.rerank.guess_model_type`): a sentence-embedding model such as the packaged
+all-MiniLM-L6-v2 stays a bi-encoder, a T5 checkpoint is trained as monoT5, anything else (a
+classification checkpoint, a masked LM) as a cross-encoder. Turning a trained retriever into a
+cross-encoder throws its training away: a fresh head on MiniLM hurts on small synthetic sets.
+
 The output folder is a standard HF model folder (``save_pretrained`` of model and tokenizer) plus
 ``inpars_model.json`` so :func:`inpars.rerank.load_reranker` knows how to score it.
 """
@@ -20,6 +26,7 @@ The output folder is a standard HF model folder (``save_pretrained`` of model an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +50,7 @@ from .rerank import (
     collate,
     encode_pairs,
     encode_texts,
+    guess_model_type,
     load_pretrained,
     mean_pool,
     monot5_scores,
@@ -194,6 +202,11 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def resolve_model_type(model_type: str, name_or_path: str) -> str:
+    """``model_type`` itself, or for ``auto`` what the starting checkpoint already is."""
+    return guess_model_type(name_or_path) if model_type == "auto" else model_type
+
+
 def train_model(
     examples: Sequence[Mapping],
     docs: Mapping[str, Document],
@@ -202,15 +215,15 @@ def train_model(
     *,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``config.model_type`` on negatives rows and save it to ``output_dir``; returns stats.
+    """Train ``config.model_type`` (``auto``: see the module docstring) on negatives rows and save it to ``output_dir``; returns stats.
 
     ``examples`` are rows ``{"query_id", "query", "pos_doc_id", "neg_doc_ids": [...]}`` (the negatives
     stage's output); ``config.batch_size`` counts groups (queries). The schedule is
     ``max_steps`` if set, else ``ceil(epochs * len(examples) / batch_size)`` steps; the examples are
     reshuffled each epoch from ``config.seed``, so a CPU run is reproducible bit for bit.
     """
-    if config.model_type not in MODEL_TYPES:
-        raise ConfigError(f"unknown train.model_type {config.model_type!r} (one of {', '.join(MODEL_TYPES)})")
+    if config.model_type not in ("auto", *MODEL_TYPES):
+        raise ConfigError(f"unknown train.model_type {config.model_type!r} (one of auto, {', '.join(MODEL_TYPES)})")
     if config.loss not in LOSSES:
         raise ConfigError(f"unknown train.loss {config.loss!r} (one of {', '.join(LOSSES)})")
     _check_keep_initial(config.keep_initial)  # before training, not after it
@@ -218,6 +231,10 @@ def train_model(
         raise ConfigError(f"train.batch_size must be >= 1, got {config.batch_size}")
     groups = _check_examples(examples, docs)
     output_dir = Path(output_dir)
+    source = resolve_model(config.model)
+    # Everything below, the stats and the saved metadata see the resolved type, never "auto".
+    config = dataclasses.replace(config, model_type=resolve_model_type(config.model_type, source.name_or_path))
+    log.info("training %s as a %s", source.identity, config.model_type)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     lr = config.learning_rate if config.learning_rate is not None else default_learning_rate(config.model_type)
@@ -227,7 +244,6 @@ def train_model(
         raise ConfigError(f"nothing to train: {total} steps (epochs={config.epochs}, max_steps={config.max_steps})")
 
     _seed_everything(config.seed)
-    source = resolve_model(config.model)
     model, tokenizer, fresh = _load(config.model_type, source.name_or_path)
     initial = snapshot_weights(model, fresh) if config.keep_initial > 0 else None
     model.to(device).train()

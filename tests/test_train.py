@@ -157,11 +157,13 @@ def test_monot5_training_is_deterministic_on_cpu(sample, tmp_path):
 
 
 def test_bi_encoder_trains_and_scores_by_cosine(sample, tmp_path):
+    """The default (model_type auto) trains the packaged all-MiniLM-L6-v2 as the retriever it is."""
     docs = sample[0]
     rows = make_groups(sample, 6, n_neg=1)
-    cfg = TrainConfig(model_type="bi-encoder", model="minilm-l6", batch_size=3, max_steps=2, max_length=64)
+    cfg = TrainConfig(model="minilm-l6", batch_size=3, max_steps=2, max_length=64)
+    assert cfg.model_type == "auto"
     stats = train_model(rows, docs, cfg, tmp_path / "bi")
-    assert math.isfinite(stats["final_loss"]) and stats["steps"] == 2
+    assert math.isfinite(stats["final_loss"]) and stats["steps"] == 2 and stats["model_type"] == "bi-encoder"
     meta = json.loads((tmp_path / "bi" / "inpars_model.json").read_text())
     assert meta["model_type"] == "bi-encoder" and meta["pooling"] == "mean"
     rr = load_reranker(str(tmp_path / "bi"), max_length=64)
@@ -204,6 +206,21 @@ def test_cross_encoder_bce_on_a_tiny_bert(sample, tmp_path):
     rr = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=64)
     assert rr.model_type == "cross-encoder"  # from inpars_model.json, though the base was a bare BertModel
     assert len(rr.score([(r["query"], docs[r["pos_doc_id"]].contents) for r in rows])) == 4
+
+
+def test_auto_model_type_is_what_the_checkpoint_already_is(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from inpars.train import resolve_model_type
+
+    small = dict(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForSequenceClassification(BertConfig(num_labels=1, **small)).save_pretrained(tmp_path / "ce")
+    BertForMaskedLM(BertConfig(**small)).save_pretrained(tmp_path / "mlm")
+    assert resolve_model_type("auto", tiny_t5(tmp_path / "t5")) == "monot5"
+    assert resolve_model_type("auto", str(tmp_path / "ce")) == "cross-encoder"
+    assert resolve_model_type("auto", str(tmp_path / "mlm")) == "cross-encoder"  # a language model gets a head
+    assert resolve_model_type("auto", _tiny_bert(tmp_path / "bert")) == "bi-encoder"  # a bare encoder
+    assert resolve_model_type("cross-encoder", _tiny_bert(tmp_path / "bert")) == "cross-encoder"  # asked for
 
 
 def _tiny_bert(folder: Path) -> str:
