@@ -26,9 +26,10 @@ from pathlib import Path
 
 import httpx
 
+from common import machine, write_results  # this folder (see common.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 KEY_ENV = "INPARS_BENCH_API_KEY"
 TEMPLATE = (
     "Example 1:\nDocument: Aspirin lowers fever and pain by blocking COX enzymes.\nRelevant Query: how does aspirin reduce fever\n\n"

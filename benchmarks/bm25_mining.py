@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import SCIFACT, machine, scifact_missing, write_results  # this folder (see common.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
-from common import SCIFACT, machine, scifact_missing, write_results  # noqa: E402  (this folder; see common.py)
 
 
 def make_queries(queries: dict[str, str], titles: list[str], n: int) -> dict[str, str]:

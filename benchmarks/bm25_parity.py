@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import SCIFACT, machine, scifact_missing, write_results  # this folder (see common.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
-from common import SCIFACT, machine, scifact_missing, write_results  # noqa: E402  (this folder; see common.py)
 MEASURES = ("nDCG@10", "R@100", "RR@10")
 REFERENCE = {"bm25s nDCG@10 (field guide)": 0.676, "Pyserini BM25 flat nDCG@10 (published)": 0.679}
 

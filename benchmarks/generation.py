@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     same_auto = sum(a == r["query"] for a, r in zip(ref, ours)) / len(ref)
     result = {
         "machine": {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"},
+                    "device": dev},  # machine() names the GPU
         "settings": vars(args),
         "reference": {"docs": len(ref_docs), "seconds": ref_s, "docs_per_s": ref_rate,
                       "flops_per_doc": ref_flops / len(ref_docs),

@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import machine, write_results  # this folder (see common.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
 BIN = Path(sys.executable).parent
 
 

@@ -350,10 +350,15 @@ def _read_metadata(folder: Path) -> dict[str, Any] | None:
 
 
 def guess_model_type(name_or_path: str) -> str:
-    """For a plain HF folder or hub id: T5 -> monot5; a classification head -> cross-encoder;
-    a bare encoder (sentence-transformers layout or ``*Model`` architecture) -> bi-encoder."""
+    """What a checkpoint is: a folder written by :func:`inpars.train.train_model` says so in its
+    ``inpars_model.json``; otherwise, from the HF config, T5 -> monot5, a classification head ->
+    cross-encoder, a bare encoder (sentence-transformers layout or ``*Model`` architecture) ->
+    bi-encoder, anything else (e.g. a masked LM) -> cross-encoder."""
     from transformers import AutoConfig
 
+    meta = _read_metadata(Path(name_or_path))
+    if meta and meta.get("model_type"):
+        return meta["model_type"]
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in T5_MODEL_TYPES:
         return "monot5"
@@ -402,15 +407,15 @@ def load_reranker(
     """Load a reranker from a folder written by :func:`inpars.train.train_model`, any HF folder,
     an HF hub id (e.g. ``castorini/monot5-base-msmarco-10k``) or a packaged alias (``minilm-l6``).
 
-    The folder's ``inpars_model.json`` says how to score it; without one the type is guessed from the
-    model config (see :func:`guess_model_type`), or forced with ``model_type``.
+    The type is forced with ``model_type``, or else :func:`guess_model_type` (the folder's
+    ``inpars_model.json`` first, then the model config); the metadata also gives monoT5's relevance tokens.
     """
     source = resolve_model(path_or_name)
     if source.gguf_file:
         raise ConfigError(f"{path_or_name!r} is a GGUF generator, not a reranker")
     where = source.name_or_path
     meta = _read_metadata(Path(where)) or {}
-    kind = model_type or meta.get("model_type") or guess_model_type(where)
+    kind = model_type or guess_model_type(where)
     if kind not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {kind!r} (one of {', '.join(MODEL_TYPES)})")
     tokens = tuple(relevance_tokens or meta.get("relevance_tokens") or ("true", "false"))

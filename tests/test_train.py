@@ -221,6 +221,9 @@ def test_auto_model_type_is_what_the_checkpoint_already_is(tmp_path):
     assert resolve_model_type("auto", str(tmp_path / "mlm")) == "cross-encoder"  # a language model gets a head
     assert resolve_model_type("auto", _tiny_bert(tmp_path / "bert")) == "bi-encoder"  # a bare encoder
     assert resolve_model_type("cross-encoder", _tiny_bert(tmp_path / "bert")) == "cross-encoder"  # asked for
+    # A folder train_model wrote says what it is, whatever its config alone would suggest.
+    (tmp_path / "bert" / "inpars_model.json").write_text(json.dumps({"model_type": "cross-encoder"}))
+    assert resolve_model_type("auto", str(tmp_path / "bert")) == "cross-encoder"
 
 
 def _tiny_bert(folder: Path) -> str:
