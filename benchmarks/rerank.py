@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT))
-from common import machine, write_results  # noqa: E402  (this folder; see common.py)
+from common import machine, write_results
 
-from inpars.corpus import read_corpus, read_qrels, read_queries  # noqa: E402
-from inpars.models import resolve_model  # noqa: E402
-from inpars.rerank import encode_pairs, load_reranker  # noqa: E402
+from inpars.corpus import read_corpus, read_qrels, read_queries
+from inpars.models import resolve_model
+from inpars.rerank import encode_pairs, load_reranker
 
 SAMPLE = ROOT / "inpars" / "data" / "scifact-sample"
 
@@ -67,8 +67,9 @@ def naive_scores(model, tokenizer, pairs, *, batch_size: int, max_length: int, p
     with torch.no_grad():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
-            enc = tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=padding, truncation=True,
-                            max_length=max_length, return_tensors="pt").to(device)
+            enc = tokenizer(
+                [q for q, _ in chunk], [d for _, d in chunk], padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
             out += model(**enc).logits[:, 0].float().cpu().tolist()
     return out
 
@@ -77,8 +78,7 @@ def naive_prep(tokenizer, pairs, *, batch_size: int, max_length: int) -> None:
     """The plain loop's host side alone: tokenize and pad every batch of pairs."""
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
-                  max_length=max_length, return_tensors="pt")
+        tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
 def ours_prep(reranker, pairs) -> None:
@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm-l6", help="cross-encoder folder, HF id or alias (alias: MiniLM + a seeded fresh head)")
     ap.add_argument("--pairs", type=int, default=512)
-    ap.add_argument("--depth", type=int, default=None, help="pairs = sample queries x their BM25 top DEPTH (the rerank stage's workload) instead of shuffled random pairs")
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="pairs = sample queries x their BM25 top DEPTH (the rerank stage's workload) instead of shuffled random pairs",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--device", default="auto")
@@ -134,8 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     # The same weights for every contender: a fresh classification head (an alias or a bare encoder)
     # is drawn from the same seed for both.
     torch.manual_seed(args.seed)
-    ours = load_reranker(where, model_type="cross-encoder", device=args.device, dtype=args.dtype,
-                         batch_size=args.ours_batch_size or args.batch_size, max_length=args.max_length)
+    ours = load_reranker(
+        where,
+        model_type="cross-encoder",
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.ours_batch_size or args.batch_size,
+        max_length=args.max_length,
+    )
     torch.manual_seed(args.seed)
     base_model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=1).float().to(ours.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -148,18 +159,29 @@ def main(argv: list[str] | None = None) -> dict:
     contenders = [("naive-dynamic", True)] + ([] if args.skip_maxlen else [("naive-maxlen", "max_length")])
     scores: dict[str, list[float]] = {}
     for name, padding in contenders:
-        scores[name], secs = timed(lambda: naive_scores(base_model, tokenizer, pairs, batch_size=args.batch_size,
-                                                         max_length=args.max_length, padding=padding, device=ours.device))
+        scores[name], secs = timed(
+            lambda padding=padding: naive_scores(
+                base_model, tokenizer, pairs, batch_size=args.batch_size, max_length=args.max_length, padding=padding, device=ours.device
+            )
+        )
         results[name] = {"seconds": round(secs, 3), "pairs_per_s": round(len(pairs) / secs, 2)}
     scores["ours"], secs = timed(lambda: ours.score(pairs))
-    results["ours"] = {"seconds": round(secs, 3), "pairs_per_s": round(len(pairs) / secs, 2), "dtype": str(ours.dtype).replace("torch.", "")}
+    results["ours"] = {
+        "seconds": round(secs, 3),
+        "pairs_per_s": round(len(pairs) / secs, 2),
+        "dtype": str(ours.dtype).replace("torch.", ""),
+    }
 
     # Host-side preparation alone (tokenize + pad): on a GPU it is most of a plain loop's time.
     _, naive_prep_s = timed(lambda: naive_prep(tokenizer, pairs, batch_size=args.batch_size, max_length=args.max_length))
     _, ours_prep_s = timed(lambda: ours_prep(ours, pairs))
-    prep = {"naive_seconds": round(naive_prep_s, 4), "ours_seconds": round(ours_prep_s, 4),
-            "naive_us_per_pair": round(1e6 * naive_prep_s / len(pairs), 1), "ours_us_per_pair": round(1e6 * ours_prep_s / len(pairs), 1),
-            "speedup": round(naive_prep_s / ours_prep_s, 2)}
+    prep = {
+        "naive_seconds": round(naive_prep_s, 4),
+        "ours_seconds": round(ours_prep_s, 4),
+        "naive_us_per_pair": round(1e6 * naive_prep_s / len(pairs), 1),
+        "ours_us_per_pair": round(1e6 * ours_prep_s / len(pairs), 1),
+        "speedup": round(naive_prep_s / ours_prep_s, 2),
+    }
 
     ref = np.array(scores["naive-dynamic"])
     mine = np.array(scores["ours"])
@@ -189,11 +211,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name, r in results.items():
         print(f"{name:14s} {r['pairs_per_s']:9.1f} pairs/s  ({r['seconds']:.2f} s)")
-    print(f"speed-up: {report['speedup_vs_naive_dynamic']}x vs naive-dynamic"
-          + ("" if args.skip_maxlen else f", {report['speedup_vs_naive_maxlen']}x vs naive-maxlen"))
-    print(f"host-side tokenize+pad: plain {prep['naive_us_per_pair']} us/pair, ours {prep['ours_us_per_pair']} us/pair ({prep['speedup']}x)")
-    print(f"max |score diff| {report['max_abs_diff']:.4g} (score spread {spread:.4g}); "
-          f"Spearman {report['spearman']:.4f}, Kendall tau {report['kendall_tau']:.4f}")
+    print(
+        f"speed-up: {report['speedup_vs_naive_dynamic']}x vs naive-dynamic"
+        + ("" if args.skip_maxlen else f", {report['speedup_vs_naive_maxlen']}x vs naive-maxlen")
+    )
+    print(
+        f"host-side tokenize+pad: plain {prep['naive_us_per_pair']} us/pair, ours {prep['ours_us_per_pair']} us/pair ({prep['speedup']}x)"
+    )
+    print(
+        f"max |score diff| {report['max_abs_diff']:.4g} (score spread {spread:.4g}); "
+        f"Spearman {report['spearman']:.4f}, Kendall tau {report['kendall_tau']:.4f}"
+    )
     write_results(report, args.out)
     return report
 

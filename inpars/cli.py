@@ -11,14 +11,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from .config import FilterConfig, GenerateConfig, TrainConfig
 from .errors import EXIT_PERMANENT, InParsError
 
-app = typer.Typer(help="InPars stages over files; `inpars worker` runs one shard of a workspace run.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="InPars stages over files; `inpars worker` runs one shard of a workspace run.", no_args_is_help=True, add_completion=False
+)
 
 
 def _cli(fn):
@@ -47,14 +48,14 @@ def generate(
     prompt: str = typer.Option("inpars", help="inpars | inpars-gbq | promptagator-<dataset> | a YAML template"),
     model: str = typer.Option("smollm2-135m", help="packaged alias, HF hub id or local path"),
     backend: str = typer.Option("transformers", help="transformers | openai | vllm"),
-    n_docs: Optional[int] = typer.Option(100, help="documents to sample (0: all)"),
+    n_docs: int | None = typer.Option(100, help="documents to sample (0: all)"),
     seed: int = 0,
-    fewshot_file: Optional[str] = typer.Option(None, help="(query, document) pairs for promptagator prompts"),
+    fewshot_file: str | None = typer.Option(None, help="(query, document) pairs for promptagator prompts"),
     batch_size: int = 16,
     max_new_tokens: int = 32,
     max_doc_tokens: int = 256,
     temperature: float = typer.Option(0.0, help="0 = greedy"),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server (backend openai)"),
+    base_url: str | None = typer.Option(None, help="OpenAI-compatible server (backend openai)"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="name of the variable holding the API key"),
     concurrency: int = 8,
 ):
@@ -64,15 +65,36 @@ def generate(
     from .generate import generate_queries, sample_documents
     from .prompts import load_prompt
 
-    cfg = GenerateConfig(backend=backend, model=model, prompt=prompt, fewshot_file=fewshot_file, n_docs=n_docs or None, seed=seed,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens, temperature=temperature,
-                         base_url=base_url, api_key_env=api_key_env, concurrency=concurrency)
+    cfg = GenerateConfig(
+        backend=backend,
+        model=model,
+        prompt=prompt,
+        fewshot_file=fewshot_file,
+        n_docs=n_docs or None,
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_doc_tokens=max_doc_tokens,
+        temperature=temperature,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+    )
     docs = sample_documents(read_corpus(corpus), cfg.n_docs, seed)
     prompt_ = load_prompt(prompt, fewshot_file=fewshot_file)
     be = get_backend(backend, cfg)
     try:
-        rows = generate_queries(docs, be, prompt_, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens,
-                                max_example_tokens=cfg.max_example_tokens, batch_size=batch_size, temperature=temperature, seed=seed)
+        rows = generate_queries(
+            docs,
+            be,
+            prompt_,
+            max_new_tokens=max_new_tokens,
+            max_doc_tokens=max_doc_tokens,
+            max_example_tokens=cfg.max_example_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            seed=seed,
+        )
     finally:
         be.close()
     write_jsonl(rows, output)
@@ -84,24 +106,31 @@ def generate(
 def filter_(
     input: Path = typer.Option(..., help="generated queries (JSONL)"),
     output: Path = typer.Option(..., help="kept queries (JSONL)"),
-    dropped: Optional[Path] = typer.Option(None, help="dropped queries with their reason (JSONL)"),
+    dropped: Path | None = typer.Option(None, help="dropped queries with their reason (JSONL)"),
     strategy: str = typer.Option("scores", help="scores | reranker | consistency"),
     aggregate: str = typer.Option("mean", help="mean | sum of token log-probs"),
-    keep_top_k: Optional[int] = None,
-    keep_fraction: Optional[float] = 0.7,
+    keep_top_k: int | None = None,
+    keep_fraction: float | None = 0.7,
     min_query_tokens: int = 3,
     max_query_tokens: int = 64,
-    reranker_model: Optional[str] = typer.Option(None, help="for --strategy reranker"),
-    corpus: Optional[str] = typer.Option(None, help="for --strategy consistency"),
+    reranker_model: str | None = typer.Option(None, help="for --strategy reranker"),
+    corpus: str | None = typer.Option(None, help="for --strategy consistency"),
     consistency_top_k: int = 10,
 ):
     """Keep the best synthetic queries; write the rest with the reason they were dropped."""
     from .corpus import read_corpus, read_jsonl, write_jsonl
     from .filter import drop_counts, filter_queries
 
-    cfg = FilterConfig(strategy=strategy, aggregate=aggregate, keep_top_k=keep_top_k, keep_fraction=None if keep_top_k else keep_fraction,
-                       min_query_tokens=min_query_tokens, max_query_tokens=max_query_tokens, reranker_model=reranker_model,
-                       consistency_top_k=consistency_top_k)
+    cfg = FilterConfig(
+        strategy=strategy,
+        aggregate=aggregate,
+        keep_top_k=keep_top_k,
+        keep_fraction=None if keep_top_k else keep_fraction,
+        min_query_tokens=min_query_tokens,
+        max_query_tokens=max_query_tokens,
+        reranker_model=reranker_model,
+        consistency_top_k=consistency_top_k,
+    )
     scorer = index = docs = None
     if strategy == "reranker":
         from .rerank import load_reranker
@@ -127,7 +156,7 @@ def negatives(
     input: Path = typer.Option(..., help="filtered queries (JSONL)"),
     corpus: str = typer.Option(...),
     output: Path = typer.Option(..., help="triples with ids (JSONL)"),
-    tsv: Optional[Path] = typer.Option(None, help="also write query<TAB>positive<TAB>negative texts"),
+    tsv: Path | None = typer.Option(None, help="also write query<TAB>positive<TAB>negative texts"),
     depth: int = 100,
     n_negatives: int = 3,
     skip_top: int = 0,
@@ -156,10 +185,10 @@ def train(
     model_type: str = typer.Option("auto", help="auto (what --model already is) | cross-encoder | monot5 | bi-encoder"),
     model: str = typer.Option("minilm-l6", help="packaged alias, HF hub id (e.g. castorini/monot5-base-msmarco-10k) or local path"),
     loss: str = typer.Option("lce", help="lce (group softmax) | bce (pointwise)"),
-    learning_rate: Optional[float] = typer.Option(None, help="default 3e-4 for T5, 3e-5 otherwise"),
+    learning_rate: float | None = typer.Option(None, help="default 3e-4 for T5, 3e-5 otherwise"),
     batch_size: int = 8,
     epochs: float = 1.0,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
     max_length: int = 256,
     seed: int = 0,
     relevance_tokens: str = typer.Option("true,false", help="monoT5 target tokens; FLAN style: yes,no"),
@@ -169,8 +198,18 @@ def train(
     from .train import train_model
 
     pos, _, neg = relevance_tokens.partition(",")
-    cfg = TrainConfig(model_type=model_type, model=model, loss=loss, learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
-                      max_steps=max_steps, max_length=max_length, seed=seed, relevance_tokens=(pos, neg))
+    cfg = TrainConfig(
+        model_type=model_type,
+        model=model,
+        loss=loss,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        epochs=epochs,
+        max_steps=max_steps,
+        max_length=max_length,
+        seed=seed,
+        relevance_tokens=(pos, neg),
+    )
     stats = train_model(read_jsonl(triples), read_corpus(corpus), cfg, output_dir)
     typer.echo(json.dumps(stats, indent=2, default=str))
 
@@ -182,8 +221,8 @@ def rerank(
     corpus: str = typer.Option(...),
     queries: str = typer.Option(..., help="queries JSONL/TSV or a BEIR folder"),
     output: Path = typer.Option(..., help="TREC run to write"),
-    run: Optional[Path] = typer.Option(None, help="first-stage TREC run (default: BM25 over the corpus)"),
-    qrels: Optional[Path] = typer.Option(None, help="only rerank the queries judged here"),
+    run: Path | None = typer.Option(None, help="first-stage TREC run (default: BM25 over the corpus)"),
+    qrels: Path | None = typer.Option(None, help="only rerank the queries judged here"),
     depth: int = 100,
     batch_size: int = 32,
     max_length: int = 256,
@@ -215,8 +254,8 @@ def evaluate(
     run: list[Path] = typer.Option(..., help="TREC run(s); repeat to compare"),
     qrels: Path = typer.Option(...),
     measures: str = "nDCG@10,RR@10,R@100,R@1000,AP,P@10,Judged@10",
-    exclude_fewshot: Optional[Path] = typer.Option(None, help="generated queries JSONL: drop its few-shot example queries from the qrels"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON"),
+    exclude_fewshot: Path | None = typer.Option(None, help="generated queries JSONL: drop its few-shot example queries from the qrels"),
+    json_out: Path | None = typer.Option(None, "--json", help="write all results as JSON"),
 ):
     """Evaluate runs with ir-measures; print a table."""
     from .corpus import read_jsonl, read_qrels, read_run
@@ -252,7 +291,7 @@ def publish(
 def worker(
     stage: str = typer.Argument(..., help="generate | filter | negatives | train | rerank | evaluate | publish"),
     run: str = typer.Option(..., help="the run's URI: <workspace>/runs/<run-id> (local or gs://)"),
-    shard_index: Optional[int] = typer.Option(None, help="default: $JOB_COMPLETION_INDEX"),
+    shard_index: int | None = typer.Option(None, help="default: $JOB_COMPLETION_INDEX"),
 ):
     """Run one shard of a stage of a workspace run (what the executors and pods run)."""
     from .stages import run_stage
@@ -266,7 +305,7 @@ def worker(
 @_cli
 def report(
     run: str = typer.Argument(..., help="the run's URI"),
-    out_dir: Optional[Path] = typer.Option(None, help="default: <run>/report"),
+    out_dir: Path | None = typer.Option(None, help="default: <run>/report"),
 ):
     """Write a self-contained HTML report of a run (scores, lengths, samples, per-query nDCG)."""
     from .report import write_report

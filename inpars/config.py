@@ -115,9 +115,7 @@ class RerankConfig:
 
 @dataclass
 class EvaluateConfig:
-    measures: list[str] = field(
-        default_factory=lambda: ["nDCG@10", "RR@10", "R@100", "R@1000", "AP", "P@10", "Judged@10"]
-    )
+    measures: list[str] = field(default_factory=lambda: ["nDCG@10", "RR@10", "R@100", "R@1000", "AP", "P@10", "Judged@10"])
     exclude_fewshot: bool = True
 
 

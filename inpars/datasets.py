@@ -122,11 +122,17 @@ def fewshot_from_split(folder: Path, splits: tuple[str, ...] = ("train", "dev"))
     if out.exists():
         return out
     qrels, queries = read_qrels(qrels_path), read_queries(folder / "queries.jsonl")
-    wanted = {qid: min(d for d, rel in judged.items() if rel > 0) for qid, judged in qrels.items()
-              if qid in queries and any(rel > 0 for rel in judged.values())}
+    wanted = {
+        qid: min(d for d, rel in judged.items() if rel > 0)
+        for qid, judged in qrels.items()
+        if qid in queries and any(rel > 0 for rel in judged.values())
+    }
     docs = {d.doc_id: d for d in iter_corpus(folder) if d.doc_id in set(wanted.values())}
-    rows = [{"query_id": q, "query": queries[q], "doc_id": d, "title": docs[d].title, "text": docs[d].text}
-            for q, d in sorted(wanted.items()) if d in docs]
+    rows = [
+        {"query_id": q, "query": queries[q], "doc_id": d, "title": docs[d].title, "text": docs[d].text}
+        for q, d in sorted(wanted.items())
+        if d in docs
+    ]
     if not rows:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,7 @@ def generate_queries(
     if hasattr(backend, "batch_size"):
         backend.batch_size = max(1, int(batch_size))
     built = [
-        prompt.build(doc, truncate=backend.truncate, max_doc_tokens=max_doc_tokens,
-                     max_example_tokens=max_example_tokens, seed=seed)
+        prompt.build(doc, truncate=backend.truncate, max_doc_tokens=max_doc_tokens, max_example_tokens=max_example_tokens, seed=seed)
         for doc in docs
     ]
     # The shared start of the prompts (the few-shot part) lets the backend reuse its KV cache.
@@ -68,8 +67,12 @@ def generate_queries(
     for start in range(0, len(docs), per_call):
         part = built[start : start + per_call]
         gens = backend.generate(
-            [p.text for p in part], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, prefix=prefix or None,
+            [p.text for p in part],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            prefix=prefix or None,
         )
         if len(gens) != len(part):
             raise RuntimeError(f"backend {backend.name!r} returned {len(gens)} generations for {len(part)} prompts")

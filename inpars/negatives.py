@@ -86,15 +86,17 @@ def mine_negatives(
         picked = sorted(query_rng(seed, qid).sample(candidates, min(n_negatives, len(candidates))))
         missing = n_negatives - len(picked)
         short += missing > 0
-        out.append({
-            "query_id": qid,
-            "query": row["query"],
-            "pos_doc_id": pos,
-            "neg_doc_ids": [d for _, d in picked],
-            "neg_ranks": [r for r, _ in picked],
-            "pos_rank": pos_rank,
-            "n_missing": missing,
-        })
+        out.append(
+            {
+                "query_id": qid,
+                "query": row["query"],
+                "pos_doc_id": pos,
+                "neg_doc_ids": [d for _, d in picked],
+                "neg_ranks": [r for r, _ in picked],
+                "pos_rank": pos_rank,
+                "n_missing": missing,
+            }
+        )
     if short:
         log.warning("%d of %d queries have fewer than %d BM25 negatives (see n_missing)", short, len(rows), n_negatives)
     return out

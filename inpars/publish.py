@@ -78,9 +78,11 @@ def dataset_statistics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "queries": len(rows),
         "documents": len({r.get("doc_id") for r in rows}),
         "query_tokens": {
-            "min": min(lengths), "median": statistics.median(lengths),
-            "mean": round(statistics.fmean(lengths), 3), "max": max(lengths),
-        },  # fmt: skip
+            "min": min(lengths),
+            "median": statistics.median(lengths),
+            "mean": round(statistics.fmean(lengths), 3),
+            "max": max(lengths),
+        },
     }
     scores = [float(r["score"]) for r in rows if isinstance(r.get("score"), (int, float))]
     if scores:
@@ -104,29 +106,44 @@ def _card(dataset: str, file_name: str, stats: dict, manifest: Mapping, filter_s
     code = manifest.get("code", {})
     qt = stats["query_tokens"]
     lines = [
-        f"# {dataset}: InPars synthetic queries", "",
+        f"# {dataset}: InPars synthetic queries",
+        "",
         f"{stats['queries']} synthetic queries for {stats['documents']} documents of `{dataset}` "
         f"(corpus `{config.get('data', {}).get('corpus', 'unknown')}`), generated with the InPars method: "
         "a language model writes a query for each document from a few-shot prompt, then the queries are filtered.",
-        "", f"File: `{file_name}` (JSONL, one query per line). Fields: "
-        + ", ".join(f"`{k}`" for k in order_fields(rows[0])) + ".", "",
-        "## Generation", "",
+        "",
+        f"File: `{file_name}` (JSONL, one query per line). Fields: " + ", ".join(f"`{k}`" for k in order_fields(rows[0])) + ".",
+        "",
+        "## Generation",
+        "",
         f"- model: `{model}` (backend `{gen.get('backend', '?')}`)",
         f"- prompt: `{prompt}`" + (f", few-shot file `{gen['fewshot_file']}`" if gen.get("fewshot_file") else ""),
         f"- seed: {manifest.get('seed', gen.get('seed'))}; temperature {gen.get('temperature')}, max {gen.get('max_new_tokens')} new tokens",
-        f"- code: inpars {code.get('inpars', '?')}" + (f" (git {code['git_commit'][:12]})" if code.get("git_commit") else "")
+        f"- code: inpars {code.get('inpars', '?')}"
+        + (f" (git {code['git_commit'][:12]})" if code.get("git_commit") else "")
         + (f"; run `{manifest['run_id']}`" if manifest.get("run_id") else ""),
-        "", "## Statistics", "",
+        "",
+        "## Statistics",
+        "",
         f"Query length (whitespace tokens): min {qt['min']}, median {qt['median']}, mean {qt['mean']}, max {qt['max']}.",
-        "", "```", *_histogram([len(str(r.get("query", "")).split()) for r in rows]), "```", "",
-    ]  # fmt: skip
+        "",
+        "```",
+        *_histogram([len(str(r.get("query", "")).split()) for r in rows]),
+        "```",
+        "",
+    ]
     if "score" in stats:
         q = stats["score"]
         lines += [
-            f"Filter score quantiles ({_score_kind(filter_stats)}):", "",
-            "| " + " | ".join(q) + " |", "|" + "---|" * len(q), "| " + " | ".join(f"{v:.4f}" for v in q.values()) + " |", "",
-            f"Filter threshold (lowest kept score): {stats['filter_threshold']:.4f}.", "",
-        ]  # fmt: skip
+            f"Filter score quantiles ({_score_kind(filter_stats)}):",
+            "",
+            "| " + " | ".join(q) + " |",
+            "|" + "---|" * len(q),
+            "| " + " | ".join(f"{v:.4f}" for v in q.values()) + " |",
+            "",
+            f"Filter threshold (lowest kept score): {stats['filter_threshold']:.4f}.",
+            "",
+        ]
     if filter_stats:
         lines += ["## Filtering", ""]
         dropped = filter_stats.get("dropped_by_reason") or filter_stats.get("dropped")
@@ -137,13 +154,16 @@ def _card(dataset: str, file_name: str, stats: dict, manifest: Mapping, filter_s
             lines += ["", "| drop reason | queries |", "|---|---:|", *(f"| {k} | {v} |" for k, v in sorted(dropped.items())), ""]
         lines.append("")
     lines += [
-        "## Licence", "",
+        "## Licence",
+        "",
         "`doc_text` and `prompt_text` copy text from the source corpus (and the few-shot examples): the "
         "corpus's licence applies to them; see the source dataset. The generated queries are model output: "
         f"check the licence of `{model}` for terms on its outputs. Synthetic queries are not human judgements: "
-        "they are training data, not an evaluation set.", "",
-        "See `manifest.json` for sizes, sha256 checksums and the full generation config.", "",
-    ]  # fmt: skip
+        "they are training data, not an evaluation set.",
+        "",
+        "See `manifest.json` for sizes, sha256 checksums and the full generation config.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -235,9 +235,14 @@ def plot_scores(kept: Sequence[Mapping], dropped: Sequence[Mapping], threshold: 
     lo, hi = min(all_scores), max(all_scores)
     bins = 30 if hi > lo else 1
     rng = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
-    ax.hist([kept_scores, dropped_scores], bins=bins, range=rng, stacked=True,
-            label=[f"kept ({len(kept_scores)})", f"dropped, scored ({len(dropped_scores)})"],
-            color=["#2b8cbe", "#e34a33"])
+    ax.hist(
+        [kept_scores, dropped_scores],
+        bins=bins,
+        range=rng,
+        stacked=True,
+        label=[f"kept ({len(kept_scores)})", f"dropped, scored ({len(dropped_scores)})"],
+        color=["#2b8cbe", "#e34a33"],
+    )
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel("filter score")
@@ -257,8 +262,12 @@ def plot_query_lengths(kept: Sequence[Mapping], dropped: Sequence[Mapping]) -> b
     ax = fig.add_subplot()
     top = max(kept_len + dropped_len)
     edges = [x - 0.5 for x in range(0, top + 2)]  # one bin per token count
-    ax.hist([kept_len, dropped_len], bins=edges, label=[f"kept ({len(kept_len)})", f"dropped ({len(dropped_len)})"],
-            color=["#2b8cbe", "#e34a33"])
+    ax.hist(
+        [kept_len, dropped_len],
+        bins=edges,
+        label=[f"kept ({len(kept_len)})", f"dropped ({len(dropped_len)})"],
+        color=["#2b8cbe", "#e34a33"],
+    )
     ax.set_xlabel("query length (whitespace tokens)")
     ax.set_ylabel("queries")
     ax.set_title("Query length")
@@ -374,8 +383,11 @@ def _header(d: ReportData) -> str:
         rows += [(k, s[k]) for k in ("strategy", "aggregate", "threshold") if k in s]
         parts.append(_table(["", "value"], [(k, "n/a" if v is None else v) for k, v in rows]))
     if d.manifest is not None:
-        parts.append("<details><summary>manifest.json</summary><pre>"
-                     + _e(json.dumps(d.manifest, indent=2, ensure_ascii=False, sort_keys=True)) + "</pre></details>")
+        parts.append(
+            "<details><summary>manifest.json</summary><pre>"
+            + _e(json.dumps(d.manifest, indent=2, ensure_ascii=False, sort_keys=True))
+            + "</pre></details>"
+        )
     return "\n".join(parts)
 
 
@@ -437,8 +449,11 @@ def _evaluation_section(d: ReportData, pngs: dict[str, bytes]) -> str:
             parts.append(_img(pngs["per_query_ndcg.png"], f"per-query {MAIN_MEASURE}"))
     bootstrap = d.evaluation.get("bootstrap")
     if bootstrap:
-        parts.append("<details><summary>paired bootstrap</summary><pre>"
-                     + _e(json.dumps(bootstrap, indent=2, ensure_ascii=False, sort_keys=True)) + "</pre></details>")
+        parts.append(
+            "<details><summary>paired bootstrap</summary><pre>"
+            + _e(json.dumps(bootstrap, indent=2, ensure_ascii=False, sort_keys=True))
+            + "</pre></details>"
+        )
     return "\n".join(parts)
 
 
@@ -473,7 +488,7 @@ def render_html(d: ReportData, pngs: Mapping[str, bytes]) -> str:
     parts.append(_evaluation_section(d, dict(pngs)))
     body = "\n".join(parts)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>InPars run {_e(d.run_id)}</title><style>{_CSS}</style></head>"
         f"<body><h1>InPars run {_e(d.run_id)}</h1>\n{body}\n</body></html>\n"
     )

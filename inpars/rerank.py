@@ -74,7 +74,9 @@ def relevance_token_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int
     return ids[0], ids[1]
 
 
-def encode_pairs(tokenizer: Any, model_type: str, queries: Sequence[str], docs: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+def encode_pairs(
+    tokenizer: Any, model_type: str, queries: Sequence[str], docs: Sequence[str], max_length: int
+) -> list[dict[str, list[int]]]:
     """Tokenize (query, document) pairs, unpadded, each at most ``max_length`` tokens.
 
     Each distinct query and document is tokenized once and the pairs are assembled from the pieces: a
@@ -170,8 +172,9 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
-def collate(features: Sequence[Mapping[str, list[int]]], pad_id: int, device: torch.device | None = None,
-            multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate(
+    features: Sequence[Mapping[str, list[int]]], pad_id: int, device: torch.device | None = None, multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its own longest member (dynamic padding), rounded up to ``multiple_of``
     (fewer distinct shapes: GPU kernels that are planned per shape are planned less often)."""
     lengths = np.fromiter((len(f["input_ids"]) for f in features), dtype=np.int64, count=len(features))
@@ -424,8 +427,18 @@ def load_reranker(
     model, tokenizer, _ = load_pretrained(kind, where)
     # Inference only, so the weights themselves can be bf16 (no autocast casts on every op).
     model = model.to(device=dev, dtype=dt).eval()
-    return Reranker(model, tokenizer, kind, dev, dt, batch_size=batch_size, max_length=max_length,
-                    relevance_tokens=tokens, source=source.identity, progress=progress)  # type: ignore[arg-type]
+    return Reranker(
+        model,
+        tokenizer,
+        kind,
+        dev,
+        dt,
+        batch_size=batch_size,
+        max_length=max_length,
+        relevance_tokens=tokens,
+        source=source.identity,
+        progress=progress,
+    )  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- runs

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import corpus as corpus_io
 from .config import PipelineConfig
-from .datasets import Dataset, fetch, resolve_dataset  # noqa: F401  (Dataset re-exported)
+from .datasets import Dataset, fetch, resolve_dataset
 from .errors import ConfigError, InputError
 from .launch.plan import stage_shards
 from .shards import shard_index_from_env, shard_name, take_shard
@@ -26,6 +26,7 @@ from .workspace import Run, dumps_rows
 log = logging.getLogger("inpars.stages")
 
 FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
+
 
 def fewshot_query_ids(rows) -> set[str]:
     """Ids of the queries shown as few-shot examples: never evaluated (no leakage)."""
@@ -78,10 +79,16 @@ def generate_worker(run: Run, index: int, count: int) -> None:
 
         def generate_chunk(chunk):
             return generate_queries(
-                chunk, backend, prompt,
-                max_new_tokens=cfg.max_new_tokens, max_doc_tokens=cfg.max_doc_tokens,
-                max_example_tokens=cfg.max_example_tokens, batch_size=cfg.batch_size,
-                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                chunk,
+                backend,
+                prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                max_doc_tokens=cfg.max_doc_tokens,
+                max_example_tokens=cfg.max_example_tokens,
+                batch_size=cfg.batch_size,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=cfg.seed,
             )
 
         checkpoint = run.checkpoint("generate", index, count)
@@ -153,7 +160,9 @@ def negatives_worker(run: Run, index: int, count: int) -> None:
     kept = run.read_rows("filter", 1)
     mine = take_shard(kept, index, count)
     docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
-    triples = mine_negatives(mine, _bm25(run.config, docs), depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed)
+    triples = mine_negatives(
+        mine, _bm25(run.config, docs), depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "triples.tsv"
         write_triples_tsv(triples, docs, tsv)
@@ -222,7 +231,9 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
     fusion = json.loads(run.get_file("train", "fusion.json"))
     with tempfile.TemporaryDirectory() as tmp:
         run.download_dir("train", "model", Path(tmp) / "model")
-        reranker = load_reranker(str(Path(tmp) / "model"), batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device)
+        reranker = load_reranker(
+            str(Path(tmp) / "model"), batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device
+        )
         reranked = rerank_run(first, mine, docs, reranker, depth=cfg.depth)
     name = shard_name(index, count, "trec")
     run.put_file("rerank", f"firststage-{name}", corpus_io.format_run(first, "firststage").encode())
@@ -257,20 +268,30 @@ def evaluate_worker(run: Run, index: int, count: int) -> None:
     generated = run.read_rows("generate", stage_shards(config)["generate"])
     exclude = fewshot_query_ids(generated) if config.evaluate.exclude_fewshot else set()
     qrels = corpus_io.read_qrels(ds.qrels)
-    systems = {"bm25": _read_trec_shards(run, "rerank", "firststage-", n_rerank), "reranked": _read_trec_shards(run, "rerank", "", n_rerank)}
+    systems = {
+        "bm25": _read_trec_shards(run, "rerank", "firststage-", n_rerank),
+        "reranked": _read_trec_shards(run, "rerank", "", n_rerank),
+    }
     fused = _read_trec_shards(run, "rerank", "fused-", n_rerank)
     if fused is not None:
         systems["fused"] = fused
     results = {name: evaluate(r, qrels, config.evaluate.measures, exclude_queries=exclude) for name, r in systems.items()}
     bootstrap = {
         name: paired_bootstrap(results["bm25"]["per_query"]["nDCG@10"], results[name]["per_query"]["nDCG@10"])
-        for name in results if name != "bm25" and "nDCG@10" in results[name]["per_query"]
+        for name in results
+        if name != "bm25" and "nDCG@10" in results[name]["per_query"]
     }
     out = {"systems": results, "excluded_queries": sorted(exclude & set(qrels), key=_natural), "bootstrap": bootstrap}
     table = format_table({name: r["aggregate"] for name, r in results.items()})
     run.put_file("evaluate", "table.txt", table.encode())
-    run.commit_shard("evaluate", 0, 1, json.dumps(out, indent=2, sort_keys=True).encode(), ext="json",
-                     stats={"rows": len(qrels), "nDCG@10": {k: v["aggregate"].get("nDCG@10") for k, v in results.items()}})
+    run.commit_shard(
+        "evaluate",
+        0,
+        1,
+        json.dumps(out, indent=2, sort_keys=True).encode(),
+        ext="json",
+        stats={"rows": len(qrels), "nDCG@10": {k: v["aggregate"].get("nDCG@10") for k, v in results.items()}},
+    )
 
 
 def publish_worker(run: Run, index: int, count: int) -> None:

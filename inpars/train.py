@@ -135,8 +135,17 @@ def interpolate_weights(model: Any, initial: Mapping[str, torch.Tensor], keep_in
 class _Objective:
     """Turns a batch of groups into a scalar loss for one model family and loss."""
 
-    def __init__(self, model_type: str, loss: str, model: Any, tokenizer: Any, docs: Mapping[str, Document],
-                 max_length: int, device: torch.device, relevance_tokens: Sequence[str]):
+    def __init__(
+        self,
+        model_type: str,
+        loss: str,
+        model: Any,
+        tokenizer: Any,
+        docs: Mapping[str, Document],
+        max_length: int,
+        device: torch.device,
+        relevance_tokens: Sequence[str],
+    ):
         self.model_type, self.loss, self.model, self.tokenizer = model_type, loss, model, tokenizer
         self.docs, self.max_length, self.device = docs, max_length, device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -154,7 +163,9 @@ class _Objective:
                 queries.append(query)
                 texts.append(self.docs[did].contents)
             sizes.append(1 + len(negs))
-        inputs = collate(encode_pairs(self.tokenizer, self.model_type, queries, texts, self.max_length), self.pad_id, self.device, self.multiple)
+        inputs = collate(
+            encode_pairs(self.tokenizer, self.model_type, queries, texts, self.max_length), self.pad_id, self.device, self.multiple
+        )
         labels = torch.tensor([1.0 if j == 0 else 0.0 for n in sizes for j in range(n)], device=self.device)
         if self.model_type == "cross-encoder":
             scores = self.model(**inputs).logits[:, 0].float()
@@ -184,8 +195,10 @@ class _Objective:
         sims = BI_ENCODER_SCALE * q @ d.T
         # A document that is another query's positive may be this query's positive too (two queries
         # generated from one document): it must not count as a negative.
-        same = torch.tensor([[doc_ids[c] == pos and c != targets[i] for c in range(len(doc_ids))]
-                             for i, (_, pos, _) in enumerate(batch)], device=sims.device)
+        same = torch.tensor(
+            [[doc_ids[c] == pos and c != targets[i] for c in range(len(doc_ids))] for i, (_, pos, _) in enumerate(batch)],
+            device=sims.device,
+        )
         sims = sims.masked_fill(same, float("-inf"))
         return torch.nn.functional.cross_entropy(sims, torch.tensor(targets, device=sims.device))
 

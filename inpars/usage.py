@@ -162,8 +162,10 @@ class BudgetGuard:
         if budget_usd is not None and budget_usd < 0:
             raise ConfigError(f"generate.budget_usd must be >= 0, got {budget_usd}")
         if budget_usd is not None and prices is None:
-            raise ConfigError("generate.budget_usd is set but the model's prices are unknown: set generate.prices "
-                              "({'prompt': USD per 1M tokens, 'completion': USD per 1M tokens})")
+            raise ConfigError(
+                "generate.budget_usd is set but the model's prices are unknown: set generate.prices "
+                "({'prompt': USD per 1M tokens, 'completion': USD per 1M tokens})"
+            )
         self.budget_usd = budget_usd
         self.prices = prices or PriceTable()
         self.spent = 0.0

@@ -47,9 +47,21 @@ CHECKPOINTS = "_checkpoints"
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Installed versions recorded in the manifest (those present; the rest are left out).
 PACKAGES = (
-    "torch", "transformers", "gguf", "safetensors", "numpy", "bm25s", "PyStemmer", "ir-measures",
-    "openai", "google-cloud-storage", "kubernetes", "vllm", "pyserini", "llama-cpp-python",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "gguf",
+    "safetensors",
+    "numpy",
+    "bm25s",
+    "PyStemmer",
+    "ir-measures",
+    "openai",
+    "google-cloud-storage",
+    "kubernetes",
+    "vllm",
+    "pyserini",
+    "llama-cpp-python",
+)
 
 
 def _now() -> str:
@@ -113,8 +125,12 @@ def code_version() -> dict[str, Any]:
             ).stdout.strip()
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=repo, capture_output=True, text=True, timeout=5, check=True,
-            ).stdout.strip()  # fmt: skip
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
             info["git_dirty"] = bool(dirty)
         except (OSError, subprocess.SubprocessError):
             commit = None
@@ -194,8 +210,10 @@ class Run:
         Raises :class:`InParsError` when ``run_id`` exists with a different config.
         """
         run_id = check_run_id(run_id or new_run_id(config.data.name))
-        uri = join_key(str(workspace_uri).rstrip("/"), "runs", run_id) if is_remote(workspace_uri) else str(
-            Path(str(workspace_uri).removeprefix("file://")).expanduser().absolute() / "runs" / run_id
+        uri = (
+            join_key(str(workspace_uri).rstrip("/"), "runs", run_id)
+            if is_remote(workspace_uri)
+            else str(Path(str(workspace_uri).removeprefix("file://")).expanduser().absolute() / "runs" / run_id)
         )
         storage = open_storage(uri)
         config_dict = _plain(config.to_dict())
@@ -294,11 +312,17 @@ class Run:
                     "output must be deterministic; delete the shard and its .done.json to redo it"
                 )
         marker = {
-            "stage": stage, "shard": index, "count": count, "key": key,
+            "stage": stage,
+            "shard": index,
+            "count": count,
+            "key": key,
             "rows": _rows(rows, stats, ext, data),
-            "bytes": len(data), "sha256": digest, "stats": stats or {},
-            "committed_at": _now(), "host": socket.gethostname(),
-        }  # fmt: skip
+            "bytes": len(data),
+            "sha256": digest,
+            "stats": stats or {},
+            "committed_at": _now(),
+            "host": socket.gethostname(),
+        }
         mkey = self.marker_key(stage, index, count)
         if not self.storage.create_if_absent(mkey, _dumps(marker)):
             old = self._marker(stage, index, count)
@@ -388,9 +412,14 @@ class Run:
                 started.add(int(m.group(1)))
         missing = [i for i in range(count) if i not in set(done)]
         return {
-            "stage": stage, "count": count, "done": done, "missing": missing,
-            "partial": sorted(started & set(missing)), "rows": rows, "bytes": nbytes,
-        }  # fmt: skip
+            "stage": stage,
+            "count": count,
+            "done": done,
+            "missing": missing,
+            "partial": sorted(started & set(missing)),
+            "rows": rows,
+            "bytes": nbytes,
+        }
 
     # -------------------------------------------------------------- other files and folders
 

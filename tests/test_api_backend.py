@@ -66,12 +66,34 @@ def llama_server(tmp_path_factory):
     logfile = tmp_path_factory.mktemp("llama") / "server.log"
     with open(logfile, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(Path(source.name_or_path) / source.gguf_file),
-             "--model_alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
-             "--n_threads", THREADS, "--n_threads_batch", THREADS, "--logits_all", "true", "--verbose", "false",
-             "--api_key", SERVER_KEY],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(Path(source.name_or_path) / source.gguf_file),
+                "--model_alias",
+                "smollm2-135m",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "1024",
+                "--n_threads",
+                THREADS,
+                "--n_threads_batch",
+                THREADS,
+                "--logits_all",
+                "true",
+                "--verbose",
+                "false",
+                "--api_key",
+                SERVER_KEY,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -334,8 +356,13 @@ def test_prices_and_usage():
     total = Usage()
     total.add(u)
     total.add(Usage.from_dict(u.to_dict()))
-    assert total.to_dict() == {"prompt_tokens": 2_000_000, "completion_tokens": 1_000_000, "requests": 6,
-                               "retries": {"timeout": 4}, "errors": 0}  # fmt: skip
+    assert total.to_dict() == {
+        "prompt_tokens": 2_000_000,
+        "completion_tokens": 1_000_000,
+        "requests": 6,
+        "retries": {"timeout": 4},
+        "errors": 0,
+    }
     assert (total - u).to_dict() == u.to_dict()
 
 
@@ -435,11 +462,19 @@ def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
     from inpars.stages import run_stage
     from inpars.workspace import Run
 
-    config = PipelineConfig().override({
-        "generate.backend": "openai", "generate.base_url": f"{llama_server}/v1", "generate.model": "smollm2-135m",
-        "generate.api_key_env": KEY_ENV, "generate.n_docs": 3, "generate.max_new_tokens": NEW,
-        "generate.max_doc_tokens": 32, "generate.checkpoint_every": 2, "generate.concurrency": 2,
-    })
+    config = PipelineConfig().override(
+        {
+            "generate.backend": "openai",
+            "generate.base_url": f"{llama_server}/v1",
+            "generate.model": "smollm2-135m",
+            "generate.api_key_env": KEY_ENV,
+            "generate.n_docs": 3,
+            "generate.max_new_tokens": NEW,
+            "generate.max_doc_tokens": 32,
+            "generate.checkpoint_every": 2,
+            "generate.concurrency": 2,
+        }
+    )
     run = Run.create(str(tmp_path / "ws"), config, "api-run")
     assert run_stage(run.uri, "generate", 0) is True
     rows = run.read_rows("generate", 1)

@@ -90,8 +90,13 @@ def test_run_many_respects_the_concurrency_limit_and_summarises():
             time.sleep(0.15)
             if cfg.data.name == "fiqa":
                 raise RuntimeError("quota exceeded\nsecond line")
-            return RunResult(cfg.data.name, "complete", run_id=f"{cfg.data.name}-1", queries_kept=70,
-                             metrics={"bm25": {"nDCG@10": 0.6761}, "reranked": {"nDCG@10": 0.7012}})
+            return RunResult(
+                cfg.data.name,
+                "complete",
+                run_id=f"{cfg.data.name}-1",
+                queries_kept=70,
+                metrics={"bm25": {"nDCG@10": 0.6761}, "reranked": {"nDCG@10": 0.7012}},
+            )
         finally:
             with lock:
                 running -= 1

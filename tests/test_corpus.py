@@ -32,12 +32,15 @@ def test_sample_is_a_beir_folder():
     assert doc.contents.startswith(doc.title) and doc.text in doc.contents
 
 
-@pytest.mark.parametrize("name,content", [
-    ("c.jsonl", '{"_id": "1", "title": "T", "text": "one"}\n\n{"doc_id": 2, "text": "two"}\n'),
-    ("c.tsv", "id\ttitle\ttext\n1\tT\tone\n2\t\ttwo\n"),
-    ("c.tsv", "1\tone\n2\ttwo\n"),
-    ("c.csv", 'doc_id,title,text\n1,T,"one"\n2,,"two"\n'),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("c.jsonl", '{"_id": "1", "title": "T", "text": "one"}\n\n{"doc_id": 2, "text": "two"}\n'),
+        ("c.tsv", "id\ttitle\ttext\n1\tT\tone\n2\t\ttwo\n"),
+        ("c.tsv", "1\tone\n2\ttwo\n"),
+        ("c.csv", 'doc_id,title,text\n1,T,"one"\n2,,"two"\n'),
+    ],
+)
 def test_formats(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -45,13 +48,16 @@ def test_formats(tmp_path, name, content):
     assert list(docs) == ["1", "2"] and docs["1"].text == "one" and docs["2"].text == "two"
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"_id": "1", "text": "ok"}\n{"_id": "2", "text": oops}\n', ":2: malformed JSON"),
-    ('{"_id": "1", "text": "ok"}\n{"_id": "2", "title": "", "text": "   "}\n', ":2: document 2 has empty text"),
-    ('{"_id": "1", "text": "ok"}\n["not", "an", "object"]\n', ":2: expected a JSON object"),
-    ('{"text": "no id"}\n', ":1: document has no id"),
-    ('{"_id": "1", "text": "a"}\n{"_id": "1", "text": "b"}\n', "document id '1' appears twice"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"_id": "1", "text": "ok"}\n{"_id": "2", "text": oops}\n', ":2: malformed JSON"),
+        ('{"_id": "1", "text": "ok"}\n{"_id": "2", "title": "", "text": "   "}\n', ":2: document 2 has empty text"),
+        ('{"_id": "1", "text": "ok"}\n["not", "an", "object"]\n', ":2: expected a JSON object"),
+        ('{"text": "no id"}\n', ":1: document has no id"),
+        ('{"_id": "1", "text": "a"}\n{"_id": "1", "text": "b"}\n', "document id '1' appears twice"),
+    ],
+)
 def test_bad_corpus_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "corpus.jsonl"
     path.write_text(content, encoding="utf-8")

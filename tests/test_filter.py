@@ -121,8 +121,9 @@ def test_reranker_strategy_with_minilm(d, docs):
     # Each document's title as its query, versus the same title attached to a different document.
     rows = [row(f"own{i}", d[i].title, d[i]) for i in range(4)]
     rows += [dict(row(f"swap{i}", d[i].title, d[(i + 1) % 4])) for i in range(4)]
-    kept, dropped = filter_queries(rows, cfg(strategy="reranker", keep_top_k=4, drop_copies=False, drop_duplicates=False),
-                                   scorer=scorer, docs=docs)
+    kept, dropped = filter_queries(
+        rows, cfg(strategy="reranker", keep_top_k=4, drop_copies=False, drop_duplicates=False), scorer=scorer, docs=docs
+    )
     assert sorted(r["query_id"] for r in kept) == [f"own{i}" for i in range(4)]
 
 

@@ -80,9 +80,10 @@ def test_batched_equals_one_by_one_and_reference_generate(backend, docs, rows):
     tok, model = backend.tokenizer, backend.model
     for row in rows[:1]:
         enc = tok(row["prompt_text"], return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=SHORT["max_new_tokens"], do_sample=False,
-                             stopping_criteria=[Newline()], pad_token_id=backend.pad_id)
-        ref = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+        out = model.generate(
+            **enc, max_new_tokens=SHORT["max_new_tokens"], do_sample=False, stopping_criteria=[Newline()], pad_token_id=backend.pad_id
+        )
+        ref = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
         assert ref == row["query"]
 
 
@@ -101,14 +102,13 @@ def test_truncation_by_tokens(backend):
     assert 40 <= backend.count_tokens(cut) <= 50 and long_text.startswith(cut)
     assert backend.truncate("short text", 50) == "short text"
     pt = load_prompt("inpars").build(Document("x", "", long_text), truncate=backend.truncate, max_doc_tokens=50)
-    doc_part = pt.text[len(pt.prefix):].split("\nRelevant Query:")[0]
+    doc_part = pt.text[len(pt.prefix) :].split("\nRelevant Query:")[0]
     assert backend.count_tokens(doc_part) <= 50
 
 
 def test_promptagator_rows_record_examples(backend, docs):
     prompt = load_prompt("promptagator-scifact", str(SAMPLE / "fewshot.jsonl"))
-    rows = generate_queries(docs[:2], backend, prompt, batch_size=2, max_new_tokens=4, max_doc_tokens=32,
-                            max_example_tokens=16)
+    rows = generate_queries(docs[:2], backend, prompt, batch_size=2, max_new_tokens=4, max_doc_tokens=32, max_example_tokens=16)
     assert all(len(r["fewshot_examples"]) == 3 for r in rows)
     assert rows[0]["fewshot_examples"] != rows[1]["fewshot_examples"]
     for r in rows:
@@ -177,8 +177,17 @@ def test_batched_generation_matches_batch_one_generate(tmp_path, arch):
 
     torch.manual_seed(0)
     tok = _char_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-                  head_dim=32, initializer_range=0.3, pad_token_id=0, eos_token_id=1)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        initializer_range=0.3,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     if arch == "gemma3":
         layers = ["sliding_attention", "sliding_attention", "full_attention"]
         model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, sliding_window=24, layer_types=layers, **common))
@@ -196,9 +205,10 @@ def test_batched_generation_matches_batch_one_generate(tmp_path, arch):
     with torch.inference_mode():
         for prompt, gen in zip(prompts, gens):
             enc = tok(prompt, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=backend.pad_id,
-                                 output_scores=True, return_dict_in_generate=True)
-            ref = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+            out = model.generate(
+                **enc, max_new_tokens=6, do_sample=False, pad_token_id=backend.pad_id, output_scores=True, return_dict_in_generate=True
+            )
+            ref = out.sequences[0, enc.input_ids.shape[1] :].tolist()
             ref_logp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0].tolist()
             ours = tok.convert_tokens_to_ids(gen.tokens)
             assert len(ours) > 0 and ours == ref[: len(ours)], prompt

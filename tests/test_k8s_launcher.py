@@ -52,7 +52,7 @@ class KMockServer:
         def runner() -> None:
             try:
                 asyncio.run(main())
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 self.error = exc
                 ready.set()
 
@@ -114,7 +114,7 @@ def in_thread(fn: Callable[[], None]) -> threading.Thread:
     def run() -> None:
         try:
             fn()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
@@ -181,7 +181,11 @@ def test_failure_reports_failed_shards_with_logs(api, server):
         time.sleep(0.3)
         set_status(api, name, {"completedIndexes": "0", "failedIndexes": "1"})
         time.sleep(0.2)
-        set_status(api, name, {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "Job has failed indexes"}]})
+        set_status(
+            api,
+            name,
+            {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "Job has failed indexes"}]},
+        )
 
     t = in_thread(controller)
     with pytest.raises(JobFailedError) as info:

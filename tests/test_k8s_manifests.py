@@ -271,7 +271,12 @@ def test_cluster_setup_manifests():
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "inpars"
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert {("Namespace", "inpars"), ("ServiceAccount", "inpars-runner"), ("Role", "inpars-launcher"), ("RoleBinding", "inpars-launcher")} <= kinds
+    assert {
+        ("Namespace", "inpars"),
+        ("ServiceAccount", "inpars-runner"),
+        ("Role", "inpars-launcher"),
+        ("RoleBinding", "inpars-launcher"),
+    } <= kinds
     sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "inpars-runner")
     assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
     role = next(d for d in docs if d["kind"] == "Role")
@@ -319,8 +324,13 @@ def test_container_contract_runs_as_a_local_process():
         "print(json.dumps({'shard': index, 'count': count, 'key': os.environ.get('OPENAI_API_KEY'), 'hf': os.environ.get('HF_HOME')})); "
         f"sys.exit({EXIT_PERMANENT} if index == 3 else 0)"
     )
-    job = StageJob("generate", 5, [sys.executable, "-c", probe], env={"PYTHONUNBUFFERED": "1"},
-                   secret_env={"OPENAI_API_KEY": (SECRET_NAME, "openai-api-key")})
+    job = StageJob(
+        "generate",
+        5,
+        [sys.executable, "-c", probe],
+        env={"PYTHONUNBUFFERED": "1"},
+        secret_env={"OPENAI_API_KEY": (SECRET_NAME, "openai-api-key")},
+    )
     m = render_job(job, run_id="r", namespace="n", image="i", indexes=[0, 3, 4], attempt=1)
     outputs = [run_container_locally(m, i) for i in range(m["spec"]["completions"])]
     rows = [json.loads(p.stdout) for p in outputs]

@@ -57,9 +57,19 @@ def test_runs_every_shard_with_env_and_secrets(tmp_path, monkeypatch):
     out = tmp_path / "rec.jsonl"
     events = []
     results = run_jobs(
-        [job("generate", py(RECORD) + [str(out)], shards=3, env={"STAGE_SETTING": "x"},
-             secret_env={"INPARS_TEST_API_KEY": ("inpars-api-keys", "k")})],  # fmt: skip
-        extra_env={"EXTRA": "y"}, on_event=events.append, log_dir=tmp_path / "logs", progress=False,
+        [
+            job(
+                "generate",
+                py(RECORD) + [str(out)],
+                shards=3,
+                env={"STAGE_SETTING": "x"},
+                secret_env={"INPARS_TEST_API_KEY": ("inpars-api-keys", "k")},
+            )
+        ],
+        extra_env={"EXTRA": "y"},
+        on_event=events.append,
+        log_dir=tmp_path / "logs",
+        progress=False,
     )
     recs = sorted(records(out), key=lambda r: r["shard"])
     assert [r["shard"] for r in recs] == [0, 1, 2]
@@ -76,8 +86,12 @@ def test_runs_every_shard_with_env_and_secrets(tmp_path, monkeypatch):
 def test_missing_secret_warns(tmp_path, monkeypatch):
     monkeypatch.delenv("INPARS_TEST_API_KEY", raising=False)
     events = []
-    run_jobs([job("generate", py("pass"), secret_env={"INPARS_TEST_API_KEY": ("s", "k")})],
-             on_event=events.append, log_dir=tmp_path, progress=False)  # fmt: skip
+    run_jobs(
+        [job("generate", py("pass"), secret_env={"INPARS_TEST_API_KEY": ("s", "k")})],
+        on_event=events.append,
+        log_dir=tmp_path,
+        progress=False,
+    )
     assert any(e.kind == "warning" and "INPARS_TEST_API_KEY" in e.message for e in events)
 
 
@@ -89,8 +103,13 @@ def test_transient_failure_is_retried(tmp_path):
         "print('fine')"
     ) + [str(tmp_path / "seen-")]
     events = []
-    results = run_jobs([job("generate", flaky, shards=2, max_retries=2)], on_event=events.append,
-                       log_dir=tmp_path / "logs", retry_delay=0.01, progress=False)  # fmt: skip
+    results = run_jobs(
+        [job("generate", flaky, shards=2, max_retries=2)],
+        on_event=events.append,
+        log_dir=tmp_path / "logs",
+        retry_delay=0.01,
+        progress=False,
+    )
     assert [(s.status, s.attempts) for s in results[0].shards] == [("done", 2), ("done", 2)]
     assert sorted(e.shard for e in events if e.kind == "shard_retry") == [0, 1]
     assert "connection reset" in (tmp_path / "logs" / "generate" / "shard-0.attempt-0.log").read_text()
@@ -117,8 +136,12 @@ def test_permanent_failure_not_retried_and_stops_pipeline(tmp_path):
     )
     after = tmp_path / "after"
     with pytest.raises(StageFailed) as err:
-        run_jobs([job("generate", bad, shards=3, max_retries=5), job("filter", py(f"open({str(after)!r}, 'w')"))],
-                 log_dir=tmp_path / "logs", retry_delay=0.01, progress=False)  # fmt: skip
+        run_jobs(
+            [job("generate", bad, shards=3, max_retries=5), job("filter", py(f"open({str(after)!r}, 'w')"))],
+            log_dir=tmp_path / "logs",
+            retry_delay=0.01,
+            progress=False,
+        )
     msg = str(err.value)
     assert "stage generate failed" in msg and "generate shard 1 exited with 42 (permanent error, not retried)" in msg
     assert "corpus.jsonl:3: malformed JSON" in msg and "shard-1.attempt-0.log" in msg
@@ -154,8 +177,13 @@ def test_parallelism(tmp_path):
 def test_skip_done_callable(tmp_path):
     out = tmp_path / "rec.jsonl"
     events = []
-    results = run_jobs([job("generate", py(RECORD) + [str(out)], shards=4)], skip_done=lambda stage, i: i in (0, 2),
-                       on_event=events.append, log_dir=tmp_path, progress=False)  # fmt: skip
+    results = run_jobs(
+        [job("generate", py(RECORD) + [str(out)], shards=4)],
+        skip_done=lambda stage, i: i in (0, 2),
+        on_event=events.append,
+        log_dir=tmp_path,
+        progress=False,
+    )
     assert sorted(r["shard"] for r in records(out)) == [1, 3]
     assert [s.status for s in results[0].shards] == ["skipped", "done", "skipped", "done"]
     assert sorted(e.shard for e in events if e.kind == "shard_skipped") == [0, 2]

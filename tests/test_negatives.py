@@ -84,8 +84,10 @@ def test_write_triples_tsv(tmp_path):
         "n1": Document("n1", "", "neg\r\none"),
         "n2": Document("n2", "", "neg two"),
     }
-    triples = [{"query_id": "q", "query": "a\tquery\n", "pos_doc_id": "p", "neg_doc_ids": ["n1", "n2"], "neg_ranks": [2, 3]},
-               {"query_id": "r", "query": "no negs", "pos_doc_id": "p", "neg_doc_ids": [], "neg_ranks": []}]
+    triples = [
+        {"query_id": "q", "query": "a\tquery\n", "pos_doc_id": "p", "neg_doc_ids": ["n1", "n2"], "neg_ranks": [2, 3]},
+        {"query_id": "r", "query": "no negs", "pos_doc_id": "p", "neg_doc_ids": [], "neg_ranks": []},
+    ]
     path = tmp_path / "out" / "triples.tsv"
     assert write_triples_tsv(triples, docs, path) == 2
     lines = path.read_text(encoding="utf-8").split("\n")

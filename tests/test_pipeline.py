@@ -91,8 +91,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
 def test_four_shards_equal_one_shard(tmp_path):
     ws = tmp_path / "ws"
     for shards, rid in ((1, "one"), (4, "four")):
-        res = launch("run", "--workspace", str(ws), "--run-id", rid, "--until", "negatives", "--parallel", "2",
-                     *sets({**SMALL, "generate.shards": shards, "negatives.shards": shards}))
+        res = launch(
+            "run",
+            "--workspace",
+            str(ws),
+            "--run-id",
+            rid,
+            "--until",
+            "negatives",
+            "--parallel",
+            "2",
+            *sets({**SMALL, "generate.shards": shards, "negatives.shards": shards}),
+        )
         assert res.returncode == 0, res.stdout + res.stderr
     one, four = Run.open(str(ws / "runs" / "one")), Run.open(str(ws / "runs" / "four"))
     # The same rows in the same order. Log-probs may differ in the last float digits: a shard batches
@@ -112,8 +122,14 @@ def _without_floats(row: dict) -> dict:
 
 
 def _worker(run_uri: str, stage: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "inpars"), "worker", stage, "--run", run_uri], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [str(BIN / "inpars"), "worker", stage, "--run", run_uri],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def test_sigkill_mid_shard_resumes_to_identical_output(tmp_path):

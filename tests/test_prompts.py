@@ -49,7 +49,7 @@ def test_gbq_prompt_asks_for_the_good_question():
 def test_document_truncated_by_the_given_tokenizer():
     long_doc = Document("d2", "", " ".join(f"w{i}" for i in range(500)))
     pt = load_prompt("inpars").build(long_doc, truncate=words, max_doc_tokens=20)
-    tail = pt.text[len(pt.prefix):].split("\nRelevant Query:")[0]
+    tail = pt.text[len(pt.prefix) :].split("\nRelevant Query:")[0]
     assert tail.split() == [f"w{i}" for i in range(20)]
 
 
@@ -83,7 +83,7 @@ def test_promptagator_never_uses_the_source_document(tmp_path):
 def test_example_documents_truncated():
     prompt = load_prompt("promptagator-scifact", FEWSHOT)
     pt = prompt.build(DOC, truncate=words, max_example_tokens=5)
-    blocks = pt.text[len(pt.prefix):].split("\n\n")[:-1]
+    blocks = pt.text[len(pt.prefix) :].split("\n\n")[:-1]
     assert len(blocks) == 3 and all(len(b.split("\nFinding:")[0].split()) <= 5 for b in blocks)
 
 
@@ -95,8 +95,10 @@ def test_generic_promptagator_fallback():
 
 def test_custom_template_file(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text('name: mine\nmode: static\nexample_template: "D: {document}\\nQ: {query}\\n"\n'
-                    'target_template: "D: {document}\\nQ:"\nexamples:\n  - {document: x, query: y}\n')
+    path.write_text(
+        'name: mine\nmode: static\nexample_template: "D: {document}\\nQ: {query}\\n"\n'
+        'target_template: "D: {document}\\nQ:"\nexamples:\n  - {document: x, query: y}\n'
+    )
     pt = load_prompt(str(path)).build(DOC, truncate=words)
     assert pt.text == "D: x\nQ: y\nD: A title. Some text with a newline.\nQ:"
 

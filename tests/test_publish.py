@@ -17,21 +17,33 @@ def make_rows(n: int = 12) -> list[dict]:
     rows = []
     for i in range(n):
         # extra fields first on purpose: publishing must put the InPars fields first
-        rows.append({
-            "model": "smollm2-135m", "score": -0.1 * i, "query_id": f"d{i}-0",
-            "fewshot_examples": [{"query_id": None, "query": "example?", "doc_id": None}],
-            "prompt_text": f"Document: text {i}\nRelevant query:", "log_probs": [-0.1, -0.2 * i],
-            "doc_text": f"Text of document {i} é", "doc_id": f"d{i}", "query": " ".join(["word"] * (3 + i % 5)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": "smollm2-135m",
+                "score": -0.1 * i,
+                "query_id": f"d{i}-0",
+                "fewshot_examples": [{"query_id": None, "query": "example?", "doc_id": None}],
+                "prompt_text": f"Document: text {i}\nRelevant query:",
+                "log_probs": [-0.1, -0.2 * i],
+                "doc_text": f"Text of document {i} é",
+                "doc_id": f"d{i}",
+                "query": " ".join(["word"] * (3 + i % 5)),
+            }
+        )
     return rows
 
 
 RUN_MANIFEST = {
-    "run_id": "scifact-20261126-1530-ab12", "created_at": "2026-11-26T15:30:00+00:00",
-    "config": json.loads(json.dumps(PipelineConfig().to_dict())), "code": {"inpars": "0.1.0", "git_commit": "0123456789abcdef"},
-    "packages": {"transformers": "5.24.0"}, "model": {"generate": "smollm2-135m", "train": "minilm-l6"},
-    "prompt": {"name": "inpars"}, "seed": 0, "usage": {"not": "published"},
-}  # fmt: skip
+    "run_id": "scifact-20261126-1530-ab12",
+    "created_at": "2026-11-26T15:30:00+00:00",
+    "config": json.loads(json.dumps(PipelineConfig().to_dict())),
+    "code": {"inpars": "0.1.0", "git_commit": "0123456789abcdef"},
+    "packages": {"transformers": "5.24.0"},
+    "model": {"generate": "smollm2-135m", "train": "minilm-l6"},
+    "prompt": {"name": "inpars"},
+    "seed": 0,
+    "usage": {"not": "published"},
+}
 FILTER = {"strategy": "scores", "n_in": 20, "n_kept": 12, "dropped_by_reason": {"duplicate": 3, "copy": 1, "score": 4}, "threshold": -1.1}
 
 
@@ -45,8 +57,14 @@ def destination(request, tmp_path):
 def test_publish_and_idempotent_rerun(destination):
     rows = make_rows()
     statuses = []
-    m = publish_dataset(rows, destination, dataset="scifact", manifest=RUN_MANIFEST, filter_stats=FILTER,
-                        on_file=lambda name, status: statuses.append((name, status)))  # fmt: skip
+    m = publish_dataset(
+        rows,
+        destination,
+        dataset="scifact",
+        manifest=RUN_MANIFEST,
+        filter_stats=FILTER,
+        on_file=lambda name, status: statuses.append((name, status)),
+    )
     name = "scifact_synthetic_queries_12.jsonl"
     assert statuses == [(name, "created"), ("README.md", "created"), ("manifest.json", "created")]
     store = open_storage(destination)
@@ -68,13 +86,27 @@ def test_publish_and_idempotent_rerun(destination):
     assert json.loads(lines[3]) == rows[3] and "é" in lines[0]
     # the card
     card = store.read_bytes("README.md").decode()
-    for needle in ("12 synthetic queries", "smollm2-135m", "`inpars`", "median", "Filter threshold (lowest kept score): -1.1000",
-                   "| duplicate | 3 |", "Licence", "p50"):  # fmt: skip
+    for needle in (
+        "12 synthetic queries",
+        "smollm2-135m",
+        "`inpars`",
+        "median",
+        "Filter threshold (lowest kept score): -1.1000",
+        "| duplicate | 3 |",
+        "Licence",
+        "p50",
+    ):
         assert needle in card, needle
     # rerun: nothing published twice, same manifest
     statuses.clear()
-    again = publish_dataset(make_rows(), destination, dataset="scifact", manifest=RUN_MANIFEST, filter_stats=FILTER,
-                            on_file=lambda name, status: statuses.append((name, status)))  # fmt: skip
+    again = publish_dataset(
+        make_rows(),
+        destination,
+        dataset="scifact",
+        manifest=RUN_MANIFEST,
+        filter_stats=FILTER,
+        on_file=lambda name, status: statuses.append((name, status)),
+    )
     assert again == m and [s for _, s in statuses] == ["skipped"] * 3
 
 

@@ -45,8 +45,12 @@ def test_table_and_targets(qs):
             r["vs_bm25"] = {"mean_diff": diff, "ci_low": diff - 0.01, "ci_high": diff + 0.01, "wins": 3, "losses": 1, "ties": 6}
         return r
 
-    results = {"BM25": row(0.676), "zero-shot hybrid (w=0.3)": row(0.734, 0.058), "ce-lce": row(0.70, 0.024),
-               "ce-lce + BM25 (w=0.7)": row(0.72, 0.044)}
+    results = {
+        "BM25": row(0.676),
+        "zero-shot hybrid (w=0.3)": row(0.734, 0.058),
+        "ce-lce": row(0.70, 0.024),
+        "ce-lce + BM25 (w=0.7)": row(0.72, 0.044),
+    }
     table = qs.format_results(results)
     assert "+0.0240 [+0.014, +0.034]" in table and "3/1/6" in table
     goals = qs.targets(results, ["ce-lce"], ["ce-lce + BM25 (w=0.7)"], "zero-shot hybrid (w=0.3)")
@@ -56,7 +60,9 @@ def test_table_and_targets(qs):
 
 
 def test_missing_data_exits_cleanly(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0
     assert "SciFact not found" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -66,18 +72,25 @@ def test_compare_quality_matches_systems_across_fusion_weights(tmp_path):
     """Two runs' systems are paired by name whatever weight each run's held-out queries chose."""
     import json
 
-    a = {"per_query_nDCG@10": {"BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5},
-                               "bi (dense) + BM25 (w=0.7)": {"q1": 0.6, "q2": 0.4, "q3": 0.5},
-                               "only in A": {"q1": 1.0, "q2": 1.0, "q3": 1.0}}}
-    b = {"per_query_nDCG@10": {"BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5},
-                               "bi (dense) + BM25 (w=0.5)": {"q1": 0.9, "q2": 0.4, "q3": 0.2}}}
+    a = {
+        "per_query_nDCG@10": {
+            "BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5},
+            "bi (dense) + BM25 (w=0.7)": {"q1": 0.6, "q2": 0.4, "q3": 0.5},
+            "only in A": {"q1": 1.0, "q2": 1.0, "q3": 1.0},
+        }
+    }
+    b = {"per_query_nDCG@10": {"BM25": {"q1": 0.5, "q2": 0.5, "q3": 0.5}, "bi (dense) + BM25 (w=0.5)": {"q1": 0.9, "q2": 0.4, "q3": 0.2}}}
     paths = []
     for name, run in (("a", a), ("b", b)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(run))
     out = tmp_path / "cmp.json"
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "compare_quality.py"), *map(str, paths), "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "compare_quality.py"), *map(str, paths), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
     assert set(rows) == {"BM25", "bi (dense) + BM25"}
     fused = rows["bi (dense) + BM25"]

@@ -27,10 +27,18 @@ FUSED = {"q1": 0.6, "q2": 0.3, "q3": 0.1, "q4": 0.9, "q5": 0.3}
 
 def _row(i: int, query: str, doc_text: str, **extra) -> dict:
     return {
-        "query": query, "doc_id": f"d{i}", "doc_text": doc_text, "log_probs": [-0.5, -1.0],
-        "prompt_text": "Document: ...\nQuery:", "fewshot_examples": [], "model": "smollm2-135m",
-        "prompt": "inpars", "seed": 0, "query_id": f"d{i}-0",
-        "usage": {"prompt_tokens": 100, "completion_tokens": 8}, **extra,
+        "query": query,
+        "doc_id": f"d{i}",
+        "doc_text": doc_text,
+        "log_probs": [-0.5, -1.0],
+        "prompt_text": "Document: ...\nQuery:",
+        "fewshot_examples": [],
+        "model": "smollm2-135m",
+        "prompt": "inpars",
+        "seed": 0,
+        "query_id": f"d{i}-0",
+        "usage": {"prompt_tokens": 100, "completion_tokens": 8},
+        **extra,
     }
 
 
@@ -47,10 +55,18 @@ def make_run(root: Path, *, with_evaluate: bool = True) -> Path:
     run = root / "runs" / "run-abc"
     run.mkdir(parents=True)
     config = PipelineConfig().to_dict()
-    (run / "manifest.json").write_text(json.dumps({
-        "run_id": "run-abc", "config": config, "code_version": "0.1.0",
-        "model": {"name": "smollm2-135m", "revision": "pkg"}, "prompt": "inpars", "seed": 0,
-    }))
+    (run / "manifest.json").write_text(
+        json.dumps(
+            {
+                "run_id": "run-abc",
+                "config": config,
+                "code_version": "0.1.0",
+                "model": {"name": "smollm2-135m", "revision": "pkg"},
+                "prompt": "inpars",
+                "seed": 0,
+            }
+        )
+    )
     kept = [_row(i, f"what is kept query number {i}", f"document {i} text", score=-0.5 - i / 20) for i in range(12)]
     kept[0]["doc_text"] = LONG_DOC
     dropped = [
@@ -62,18 +78,27 @@ def make_run(root: Path, *, with_evaluate: bool = True) -> Path:
     ]
     _write_jsonl(run / "filter" / "shard-00000-of-00001.jsonl", kept)
     _write_jsonl(run / "filter" / "dropped.jsonl", dropped)
-    (run / "filter" / "summary.json").write_text(json.dumps({
-        "strategy": "scores", "aggregate": "mean", "n_in": 17, "n_kept": 12,
-        "dropped_by_reason": {"score": 3, "too_short": 1, "copy": 1}, "threshold": -1.2345,
-    }))
+    (run / "filter" / "summary.json").write_text(
+        json.dumps(
+            {
+                "strategy": "scores",
+                "aggregate": "mean",
+                "n_in": 17,
+                "n_kept": 12,
+                "dropped_by_reason": {"score": 3, "too_short": 1, "copy": 1},
+                "threshold": -1.2345,
+            }
+        )
+    )
     if with_evaluate:
         systems = {
             name: {"aggregate": _aggregate(pq), "per_query": {"nDCG@10": pq, "RR@10": pq}}
             for name, pq in (("bm25", BM25), ("reranked", RERANKED), ("fused", FUSED))
         }
         (run / "evaluate").mkdir()
-        (run / "evaluate" / "shard-00000-of-00001.json").write_text(json.dumps(
-            {"systems": systems, "excluded_queries": ["q9"], "bootstrap": {"reranked": {"p_value": 0.2}}}))
+        (run / "evaluate" / "shard-00000-of-00001.json").write_text(
+            json.dumps({"systems": systems, "excluded_queries": ["q9"], "bootstrap": {"reranked": {"p_value": 0.2}}})
+        )
     return run
 
 

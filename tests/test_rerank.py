@@ -61,8 +61,17 @@ def tiny_t5(folder: Path) -> str:
 
     tok = ByT5Tokenizer()
     tok.add_tokens(["true", "false"])
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -79,8 +88,9 @@ def plain_loop(folder: str, pairs, batch_size=8, max_length=256) -> list[float]:
     with torch.no_grad():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
-            enc = tok([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt")
+            enc = tok(
+                [q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             out += model(**enc).logits[:, 0].tolist()
     return out
 
@@ -255,9 +265,11 @@ def test_pair_layout_is_learnt_from_the_tokenizer(sample):
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        model_input_names=["input_ids", "attention_mask"])
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_input_names=["input_ids", "attention_mask"]
+    )
     qs, ds = [q for q, _ in pairs], [d for _, d in pairs]
     ours = encode_pairs(tokenizer, "cross-encoder", qs, ds, 101)
     ref = tokenizer(qs, ds, truncation="longest_first", max_length=101)

@@ -72,12 +72,20 @@ def test_create_if_absent_threads_race(root_uri):
 
 def test_list_prefix_semantics(root_uri):
     s = open_storage(root_uri)
-    for key in ["gen/shard-00001-of-00002.jsonl", "gen/shard-00000-of-00002.jsonl", "gen/shard-00000-of-00002.done.json",
-                "gen/_checkpoints/shard-00000-of-00002/chunk-000000.jsonl", "genx/other", "top.json"]:  # fmt: skip
+    for key in [
+        "gen/shard-00001-of-00002.jsonl",
+        "gen/shard-00000-of-00002.jsonl",
+        "gen/shard-00000-of-00002.done.json",
+        "gen/_checkpoints/shard-00000-of-00002/chunk-000000.jsonl",
+        "genx/other",
+        "top.json",
+    ]:
         s.write_bytes(key, b"x")
     assert s.list("gen/shard-") == [
-        "gen/shard-00000-of-00002.done.json", "gen/shard-00000-of-00002.jsonl", "gen/shard-00001-of-00002.jsonl",
-    ]  # fmt: skip
+        "gen/shard-00000-of-00002.done.json",
+        "gen/shard-00000-of-00002.jsonl",
+        "gen/shard-00001-of-00002.jsonl",
+    ]
     assert s.list("gen/") == ["gen/_checkpoints/shard-00000-of-00002/chunk-000000.jsonl"] + s.list("gen/shard-")
     assert "genx/other" in s.list("gen") and "top.json" in s.list("")
     assert s.list("missing/") == []

@@ -50,9 +50,19 @@ def tiny_t5(folder: Path, extra_tokens=("true", "false", "yes", "no")) -> str:
 
     tok = ByT5Tokenizer()
     tok.add_tokens(list(extra_tokens))
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, dropout_rate=0.0)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        dropout_rate=0.0,
+    )
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -83,8 +93,9 @@ def p_at_1(reranker, rows, docs) -> float:
 def test_cross_encoder_lce_learns_and_reloads(sample, tmp_path):
     docs = sample[0]
     rows = make_groups(sample, 6, n_neg=2)
-    cfg = TrainConfig(model_type="cross-encoder", model="minilm-l6", loss="lce", batch_size=3, max_steps=6,
-                      learning_rate=2e-4, max_length=96, seed=0)
+    cfg = TrainConfig(
+        model_type="cross-encoder", model="minilm-l6", loss="lce", batch_size=3, max_steps=6, learning_rate=2e-4, max_length=96, seed=0
+    )
     # "Before": the same weights and the same freshly seeded head that training starts from.
     torch.manual_seed(cfg.seed)
     before = load_reranker("minilm-l6", model_type="cross-encoder", max_length=96)
@@ -108,8 +119,17 @@ def test_monot5_trains_saves_and_scores_log_probs(sample, tmp_path):
     base = tiny_t5(tmp_path / "t5-base")
     before = group_loss(load_reranker(base, dtype="float32", max_length=128), rows, docs)
     for loss in ("bce", "lce"):
-        cfg = TrainConfig(model_type="monot5", model=base, loss=loss, batch_size=4, max_steps=8, max_length=128,
-                          seed=0, dtype="float32", learning_rate=None if loss == "bce" else 3e-3)
+        cfg = TrainConfig(
+            model_type="monot5",
+            model=base,
+            loss=loss,
+            batch_size=4,
+            max_steps=8,
+            max_length=128,
+            seed=0,
+            dtype="float32",
+            learning_rate=None if loss == "bce" else 3e-3,
+        )
         stats = train_model(rows, docs, cfg, tmp_path / f"t5-{loss}")
         assert stats["learning_rate"] == (3e-4 if loss == "bce" else 3e-3)  # 3e-4: the monoT5 default
         rr = load_reranker(str(tmp_path / f"t5-{loss}"), dtype="float32", max_length=128)
@@ -195,12 +215,29 @@ def test_cross_encoder_bce_on_a_tiny_bert(sample, tmp_path):
     docs = sample[0]
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").name_or_path)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(tmp_path / "bert")
     tok.save_pretrained(tmp_path / "bert")
     rows = make_groups(sample, 4, n_neg=1)
-    cfg = TrainConfig(model_type="cross-encoder", model=str(tmp_path / "bert"), loss="bce", batch_size=4, max_steps=10,
-                      learning_rate=1e-3, max_length=64, dtype="float32")
+    cfg = TrainConfig(
+        model_type="cross-encoder",
+        model=str(tmp_path / "bert"),
+        loss="bce",
+        batch_size=4,
+        max_steps=10,
+        learning_rate=1e-3,
+        max_length=64,
+        dtype="float32",
+    )
     stats = train_model(rows, docs, cfg, tmp_path / "ce")
     assert stats["loss_curve"]["last"] < stats["loss_curve"]["first"]
     rr = load_reranker(str(tmp_path / "ce"), dtype="float32", max_length=64)
@@ -233,8 +270,17 @@ def _tiny_bert(folder: Path) -> str:
 
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").name_or_path)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 
@@ -253,8 +299,9 @@ def test_keep_initial_averages_trained_and_starting_weights(sample, tmp_path):
     rows = make_groups(sample, 4, n_neg=1)
     runs = {}
     for a in (0.0, 0.25, 1.0):
-        cfg = TrainConfig(model_type="cross-encoder", model=base, loss="lce", batch_size=4, max_steps=3,
-                          max_length=64, learning_rate=1e-3, keep_initial=a)
+        cfg = TrainConfig(
+            model_type="cross-encoder", model=base, loss="lce", batch_size=4, max_steps=3, max_length=64, learning_rate=1e-3, keep_initial=a
+        )
         stats = train_model(rows, docs, cfg, tmp_path / f"ce-{a}")
         assert stats["keep_initial"] == a
         runs[a] = _weights(tmp_path / f"ce-{a}")

@@ -17,7 +17,7 @@ from inpars.config import PipelineConfig
 from inpars.errors import InParsError
 from inpars.workspace import Checkpoint, Run, checkpointed_map, dumps_rows, new_run_id
 
-WORKER = r'''
+WORKER = r"""
 import os, sys, time
 from inpars.errors import InParsError
 from inpars.workspace import Run, checkpointed_map, dumps_rows
@@ -49,7 +49,7 @@ elif mode == "map":
     rows = checkpointed_map(list(range(40)), fn, cp, chunk_size=5)
     run.commit_shard("generate", 0, 1, dumps_rows(rows))
     cp.clear()
-'''
+"""
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -272,7 +272,9 @@ class OpenAIBackend(GenerationBackend):
             raise BudgetExceeded(f"{stop} ({len(done)} of {len(prompts)} prompts answered)", completed=done, usage=self.last_usage)
         return results  # type: ignore[return-value]
 
-    async def _reserve(self, prompt: str, max_new_tokens: int, tasks: list[asyncio.Task], first_error: list) -> Reservation | BudgetExceeded:
+    async def _reserve(
+        self, prompt: str, max_new_tokens: int, tasks: list[asyncio.Task], first_error: list
+    ) -> Reservation | BudgetExceeded:
         """Book the worst case of ``prompt``; while the budget is short, wait for requests in flight
         to settle (their real cost is usually far below the worst case). Only when nothing is in
         flight and the worst case still does not fit is the run stopped."""
@@ -354,11 +356,11 @@ class OpenAIBackend(GenerationBackend):
                         f"API key rejected by {self.base_url} (HTTP {status}); check the environment variable {self.api_key_env}"
                     )
                 elif status == 404:
-                    raise ConfigError(
-                        f"model {self.model!r} or endpoint {self.endpoint} not found (HTTP 404): {self._body(response)}"
-                    )
+                    raise ConfigError(f"model {self.model!r} or endpoint {self.endpoint} not found (HTTP 404): {self._body(response)}")
                 else:
-                    raise InParsError(f"{self.endpoint} refused the request for model {self.model!r} (HTTP {status}): {self._body(response)}")
+                    raise InParsError(
+                        f"{self.endpoint} refused the request for model {self.model!r} (HTTP {status}): {self._body(response)}"
+                    )
             if attempt >= self.max_retries:
                 if kind == "connection":
                     raise TransientError(f"cannot reach {self.base_url} ({detail}) after {attempt} retries") from None

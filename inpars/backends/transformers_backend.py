@@ -248,7 +248,7 @@ class TransformersBackend(GenerationBackend):
 
         try:
             layers = DynamicCache(config=self.model.config).layers
-        except Exception:  # noqa: BLE001 - unknown architectures: play safe
+        except Exception:
             return False
         return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
@@ -309,8 +309,9 @@ class TransformersBackend(GenerationBackend):
         if L:
             for i, (k, v) in enumerate(self._prefix_kv(shared)):
                 cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
-        out = self.model(input_ids=inp, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
-                         **{self._cache_kw: cache})
+        out = self.model(
+            input_ids=inp, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
+        )
         self._count(B * S, B)
         cache = _cache_of(out)
         logits = out.logits[:, -1, :].float()
@@ -353,8 +354,9 @@ class TransformersBackend(GenerationBackend):
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             last = last + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
-                             **{self._cache_kw: cache})
+            out = self.model(
+                input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True, **{self._cache_kw: cache}
+            )
             self._count(len(active), len(active))
             cache = _cache_of(out)
             logits = out.logits[:, -1, :].float()

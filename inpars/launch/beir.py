@@ -32,9 +32,19 @@ class BeirDataset:
 # The 18 BEIR evaluation datasets (MS MARCO, the training set, is left out), by their BEIR folder
 # names. CQADupStack is one dataset of 12 forums: BEIR averages them; here each forum is a run.
 CQADUPSTACK_FORUMS = (
-    "android", "english", "gaming", "gis", "mathematica", "physics",
-    "programmers", "stats", "tex", "unix", "webmasters", "wordpress",
-)  # fmt: skip
+    "android",
+    "english",
+    "gaming",
+    "gis",
+    "mathematica",
+    "physics",
+    "programmers",
+    "stats",
+    "tex",
+    "unix",
+    "webmasters",
+    "wordpress",
+)
 
 BEIR_DATASETS: list[BeirDataset] = [
     BeirDataset("trec-covid", "beir/trec-covid"),
@@ -180,7 +190,7 @@ def run_many(
         try:
             out = start_run(cfg)
             result = out if isinstance(out, RunResult) else result_from_run(cfg.data.name, out)
-        except Exception as exc:  # noqa: BLE001 - one dataset's failure must not stop the others
+        except Exception as exc:
             result = RunResult(name=cfg.data.name, status="failed", error=f"{type(exc).__name__}: {exc}")
         if result.seconds is None:
             result.seconds = time.monotonic() - started

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -35,12 +34,12 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def build_config(config: Optional[Path], sets: list[str]) -> PipelineConfig:
+def build_config(config: Path | None, sets: list[str]) -> PipelineConfig:
     cfg = PipelineConfig.load(config) if config else PipelineConfig()
     return cfg.override(_parse_sets(sets)) if sets else cfg
 
 
-def _k8s_executor(namespace: str, image: Optional[str], queue: Optional[str], cfg: PipelineConfig | None = None):
+def _k8s_executor(namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig | None = None):
     from .k8s import K8sExecutor
 
     return K8sExecutor(namespace=namespace, image=image or (cfg.image if cfg else PipelineConfig().image), queue=queue)
@@ -49,17 +48,19 @@ def _k8s_executor(namespace: str, image: Optional[str], queue: Optional[str], cf
 @app.command()
 @_cli
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline config (YAML/JSON); default: the embedded SciFact sample demo"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="pipeline config (YAML/JSON); default: the embedded SciFact sample demo"
+    ),
     set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set generate.n_docs=200 (repeatable)"),
     backend: str = typer.Option("local", help="local (subprocesses) | k8s (Kubernetes Jobs)"),
     workspace: str = typer.Option("workspace", help="local folder or gs://bucket/prefix"),
-    run_id: Optional[str] = typer.Option(None, help="default: <dataset>-<time>-<random>"),
+    run_id: str | None = typer.Option(None, help="default: <dataset>-<time>-<random>"),
     parallel: int = typer.Option(2, help="local backend: shards running at once"),
     dry_run: bool = typer.Option(False, help="k8s: print the Job manifests and submit nothing"),
     namespace: str = "inpars",
-    image: Optional[str] = None,
-    queue: Optional[str] = typer.Option(None, help="Kueue LocalQueue name"),
-    until: Optional[str] = typer.Option(None, help="stop after this stage (resume continues later)"),
+    image: str | None = None,
+    queue: str | None = typer.Option(None, help="Kueue LocalQueue name"),
+    until: str | None = typer.Option(None, help="stop after this stage (resume continues later)"),
 ):
     """Run every stage of a pipeline, stage after stage, and print the evaluation."""
     from ..workspace import Run
@@ -74,7 +75,9 @@ def run(
 
         rid = run_id or f"{cfg.data.name}-dry-run"
         run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
-        docs = [render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue) for job in plan_pipeline(cfg, run_uri)]
+        docs = [
+            render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue) for job in plan_pipeline(cfg, run_uri)
+        ]
         typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
         return
     run_ = Run.create(workspace, cfg, run_id)
@@ -82,7 +85,7 @@ def run(
     _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
 
 
-def _execute(run_, backend: str, *, parallel: int, namespace: str, image: Optional[str], queue: Optional[str], until: str | None = None) -> None:
+def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, until: str | None = None) -> None:
     jobs = plan_pipeline(run_.config, run_.uri, until=until)
     started = time.monotonic()
     if backend == "local":
@@ -101,7 +104,9 @@ def print_summary(run_, seconds: float | None = None) -> None:
     out = Console()
     if run_.shard_done("evaluate", 0, 1):
         result = json.loads(run_.read_shard("evaluate", 0, 1, "json"))
-        table = Table(title=f"{run_.config.data.name}: {len(next(iter(result['systems'].values()))['per_query'].get('nDCG@10', {}))} queries")
+        table = Table(
+            title=f"{run_.config.data.name}: {len(next(iter(result['systems'].values()))['per_query'].get('nDCG@10', {}))} queries"
+        )
         present = next(iter(result["systems"].values()))["aggregate"]
         measures = [m for m in run_.config.evaluate.measures if m in present] + sorted(set(present) - set(run_.config.evaluate.measures))
         table.add_column("system")
@@ -111,10 +116,13 @@ def print_summary(run_, seconds: float | None = None) -> None:
             table.add_row(name, *(f"{res['aggregate'][m]:.4f}" for m in measures))
         out.print(table)
         for name, b in result.get("bootstrap", {}).items():
-            out.print(f"{name} vs bm25 nDCG@10: {b.get('mean_diff', 0):+.4f} (95% CI {b.get('ci_low', 0):+.4f} .. {b.get('ci_high', 0):+.4f}), "
-                      f"wins/losses/ties {b.get('wins')}/{b.get('losses')}/{b.get('ties')}", highlight=False)
+            out.print(
+                f"{name} vs bm25 nDCG@10: {b.get('mean_diff', 0):+.4f} (95% CI {b.get('ci_low', 0):+.4f} .. {b.get('ci_high', 0):+.4f}), "
+                f"wins/losses/ties {b.get('wins')}/{b.get('losses')}/{b.get('ties')}",
+                highlight=False,
+            )
     out.print(f"\nartifacts under {run_.uri}:")
-    for stage, n in stage_shards(run_.config).items():
+    for stage in stage_shards(run_.config):
         out.print(f"  {stage:<10} {run_.uri}/{stage}/", highlight=False)
     if seconds is not None:
         out.print(f"wall time {seconds:.0f} s")
@@ -138,8 +146,8 @@ def resume(
     backend: str = typer.Option("local", help="local | k8s"),
     parallel: int = 2,
     namespace: str = "inpars",
-    image: Optional[str] = None,
-    queue: Optional[str] = None,
+    image: str | None = None,
+    queue: str | None = None,
 ):
     """Continue a run that died: only the shards missing from the workspace run again."""
     from ..workspace import Run
@@ -152,7 +160,7 @@ def resume(
 def logs(
     run: str = typer.Argument(..., help="the run's URI"),
     stage: str = typer.Argument(...),
-    index: Optional[int] = typer.Option(None, help="one shard's logs"),
+    index: int | None = typer.Option(None, help="one shard's logs"),
     backend: str = typer.Option("local", help="local (log files) | k8s (pod logs)"),
     namespace: str = "inpars",
 ):
@@ -181,16 +189,16 @@ def cancel(run: str = typer.Argument(..., help="the run's URI or run id"), names
 @_cli
 def beir(
     datasets: str = typer.Option("all", help="'all' or a comma-separated list of BEIR names"),
-    corpus_root: Optional[str] = typer.Option(None, help="a mirror of BEIR folders, e.g. gs://bucket/beir (default: ir_datasets)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    corpus_root: str | None = typer.Option(None, help="a mirror of BEIR folders, e.g. gs://bucket/beir (default: ir_datasets)"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
     set_: list[str] = typer.Option([], "--set"),
     backend: str = "local",
     workspace: str = "workspace",
     max_concurrent: int = typer.Option(2, help="pipelines running at once"),
     parallel: int = 2,
     namespace: str = "inpars",
-    image: Optional[str] = None,
-    queue: Optional[str] = None,
+    image: str | None = None,
+    queue: str | None = None,
 ):
     """Regenerate synthetic data for many BEIR datasets: one pipeline each, a shared limit, one summary."""
     from ..workspace import Run

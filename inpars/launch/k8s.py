@@ -295,9 +295,7 @@ def render_job(
         command=list(job.command),
         env=env,
         resources=resources,
-        security_context=k.V1SecurityContext(
-            allow_privilege_escalation=False, capabilities=k.V1Capabilities(drop=["ALL"])
-        ),
+        security_context=k.V1SecurityContext(allow_privilege_escalation=False, capabilities=k.V1Capabilities(drop=["ALL"])),
     )
     pod = k.V1PodSpec(
         containers=[container],
@@ -323,9 +321,7 @@ def render_job(
             # A permanent error (bad input/config) fails again on retry: fail this shard at once.
             k.V1PodFailurePolicyRule(
                 action="FailIndex",
-                on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-                    container_name=CONTAINER, operator="In", values=[EXIT_PERMANENT]
-                ),
+                on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(container_name=CONTAINER, operator="In", values=[EXIT_PERMANENT]),
             ),
         ]
     )
@@ -633,7 +629,9 @@ class K8sExecutor:
             labels = o.get("metadata", {}).get("labels") or {}
             if labels.get(RUN_LABEL) == run_label(run_id) and (stage is None or labels.get(STAGE_LABEL) == stage):
                 jobs.append(o)
-        return sorted(jobs, key=lambda o: (o["metadata"]["labels"].get(STAGE_LABEL, ""), int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0"))))
+        return sorted(
+            jobs, key=lambda o: (o["metadata"]["labels"].get(STAGE_LABEL, ""), int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0")))
+        )
 
     # -- watching -----------------------------------------------------------------------------
 
@@ -708,7 +706,7 @@ class K8sExecutor:
         """The log tail of the newest pod of each failed shard (best effort: logs may be gone)."""
         try:
             pods = self._pods(job_name)
-        except Exception:  # noqa: BLE001 - the failure report matters more than its logs
+        except Exception:
             return {}
         newest: dict[int, dict[str, Any]] = {}
         for pod in pods:
@@ -727,7 +725,7 @@ class K8sExecutor:
         for shard, pod in sorted(newest.items())[:5]:  # a handful is enough to diagnose
             try:
                 logs[shard] = self._pod_log(pod["metadata"]["name"], self.log_lines)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 logs[shard] = f"(log unavailable: {exc.__class__.__name__})"
         return logs
 
@@ -741,7 +739,9 @@ class K8sExecutor:
         progress = [progress_of(o) for o in self.find_jobs(run_id)]
         return sorted(progress, key=lambda p: (order.get(p.stage, 99), p.name))
 
-    def pod_logs(self, run_id: str, stage: str, index: int | None = None, *, tail_lines: int | None = None) -> dict[str, tuple[int | None, str]]:
+    def pod_logs(
+        self, run_id: str, stage: str, index: int | None = None, *, tail_lines: int | None = None
+    ) -> dict[str, tuple[int | None, str]]:
         """Pod name -> (shard, log text) for a stage's pods (``index``: only that shard's pods)."""
         out: dict[str, tuple[int | None, str]] = {}
         for obj in self.find_jobs(run_id, stage):
@@ -829,8 +829,17 @@ class K8sExecutor:
             still = sorted(run.missing_shards(job.stage, job.shards))
             if still:
                 raise JobFailedError(
-                    JobProgress(progress.name, job.stage, run_id, job.shards, progress.shards, failed=still, state="failed",
-                                reason="MissingOutput", message=f"the Job completed but shards {format_indexes(still)} are not in the workspace"),
+                    JobProgress(
+                        progress.name,
+                        job.stage,
+                        run_id,
+                        job.shards,
+                        progress.shards,
+                        failed=still,
+                        state="failed",
+                        reason="MissingOutput",
+                        message=f"the Job completed but shards {format_indexes(still)} are not in the workspace",
+                    ),
                     {},
                 )
             say(f"{job.stage}: done")
@@ -871,8 +880,7 @@ def render_examples() -> dict[str, str]:
         "# inpars/launch/k8s.py. Do not edit: change inpars/launch/templates/ or the renderer, then re-render.\n"
     )
     return {
-        f"{job.stage}.yaml": header
-        + to_yaml([render_job(job, run_id=EXAMPLE_RUN_ID, namespace=EXAMPLE_NAMESPACE, image=config.image)])
+        f"{job.stage}.yaml": header + to_yaml([render_job(job, run_id=EXAMPLE_RUN_ID, namespace=EXAMPLE_NAMESPACE, image=config.image)])
         for job in plan_pipeline(config, EXAMPLE_RUN_URI)
     }
 

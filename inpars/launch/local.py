@@ -236,9 +236,15 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
             display.close()
     result.shards = [outcome[i] for i in sorted(outcome)]
     result.seconds = time.monotonic() - started
-    emit(Event("stage_done", job.stage, message=f"{sum(s.status == 'done' for s in result.shards)} done, "
-                                               f"{sum(s.status == 'skipped' for s in result.shards)} skipped, "
-                                               f"{len(result.failed)} failed"))  # fmt: skip
+    emit(
+        Event(
+            "stage_done",
+            job.stage,
+            message=f"{sum(s.status == 'done' for s in result.shards)} done, "
+            f"{sum(s.status == 'skipped' for s in result.shards)} skipped, "
+            f"{len(result.failed)} failed",
+        )
+    )
     return result
 
 
@@ -248,9 +254,13 @@ def _start(job: StageJob, shard: int, attempt: int, extra_env: dict[str, str], l
     with open(path, "wb") as log:
         # Its own session, so a stop reaches the worker's children too (dataloaders, servers).
         proc = subprocess.Popen(
-            job.command, env=_env(job, extra_env, shard), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            job.command,
+            env=_env(job, extra_env, shard),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return _Running(shard, attempt, proc, path, time.monotonic())
 
 
@@ -295,10 +305,16 @@ class _Progress:
 
         self.job, self.run = job, run
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-            TextColumn("{task.fields[rows]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("shards"),
+            TextColumn("{task.fields[rows]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             transient=False,
-        )  # fmt: skip
+        )
         self.progress.start()
         self.started = time.monotonic()
         self.rows0 = self._count()
@@ -335,10 +351,16 @@ def stage_rows(run: Run, jobs: Sequence[StageJob]) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         s = run.stage_status(job.stage, job.shards)
-        rows.append({
-            "stage": job.stage, "shards": job.shards, "done": len(s["done"]), "missing": s["missing"],
-            "partial": s["partial"], "rows": s["rows"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "stage": job.stage,
+                "shards": job.shards,
+                "done": len(s["done"]),
+                "missing": s["missing"],
+                "partial": s["partial"],
+                "rows": s["rows"],
+            }
+        )
     return rows
 
 
@@ -358,8 +380,13 @@ def stage_table(run: Run, jobs: Sequence[StageJob]):
         table.add_column(col, justify=justify)
     for r in stage_rows(run, jobs):
         state = "green" if not r["missing"] else ("yellow" if r["done"] else "")
-        table.add_row(f"[{state}]{r['stage']}[/]" if state else r["stage"], f"{r['done']}/{r['shards']}",
-                      _ids(r["missing"]), _ids(r["partial"]), str(r["rows"]))  # fmt: skip
+        table.add_row(
+            f"[{state}]{r['stage']}[/]" if state else r["stage"],
+            f"{r['done']}/{r['shards']}",
+            _ids(r["missing"]),
+            _ids(r["partial"]),
+            str(r["rows"]),
+        )
     return table
 
 

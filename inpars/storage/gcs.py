@@ -188,5 +188,3 @@ def _errors(where: str):
         if mod.startswith(("requests", "urllib3", "google.auth")) or "Timeout" in type(e).__name__:
             raise TransientError(f"{where}: {type(e).__name__}: {e}") from e
         raise
-
-
