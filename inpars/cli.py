@@ -6,7 +6,6 @@ Permanent errors (bad input, bad config) print one clear line and exit with ``EX
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -15,25 +14,18 @@ from pathlib import Path
 import typer
 
 from .config import FilterConfig, GenerateConfig, TrainConfig
-from .errors import EXIT_PERMANENT, InParsError
+from .errors import InParsError, cli_errors
 
 app = typer.Typer(
     help="InPars stages over files; `inpars worker` runs one shard of a workspace run.", no_args_is_help=True, add_completion=False
 )
 
 
-def _cli(fn):
-    """Turn a permanent error into one readable line and the reserved exit code."""
+def fetch(uri: str):
+    """A local path for a corpus or queries given as a path or a gs:// URI (downloaded into the cache)."""
+    from .datasets import fetch as fetch_uri
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InParsError as e:
-            typer.secho(f"error: {e}", err=True, fg="red")
-            raise typer.Exit(EXIT_PERMANENT) from None
-
-    return wrapper
+    return fetch_uri(uri)
 
 
 def _setup_logging() -> None:
@@ -41,7 +33,7 @@ def _setup_logging() -> None:
 
 
 @app.command()
-@_cli
+@cli_errors
 def generate(
     corpus: str = typer.Option(..., help="BEIR folder, JSONL, TSV or CSV corpus"),
     output: Path = typer.Option(..., help="output JSONL of generated queries"),
@@ -65,7 +57,8 @@ def generate(
     from .generate import generate_queries, sample_documents
     from .prompts import load_prompt
 
-    cfg = GenerateConfig(
+    cfg = GenerateConfig.of(
+        "inpars generate",
         backend=backend,
         model=model,
         prompt=prompt,
@@ -80,7 +73,7 @@ def generate(
         api_key_env=api_key_env,
         concurrency=concurrency,
     )
-    docs = sample_documents(read_corpus(corpus), cfg.n_docs, seed)
+    docs = sample_documents(read_corpus(fetch(corpus)), cfg.n_docs, seed)
     prompt_ = load_prompt(prompt, fewshot_file=fewshot_file)
     be = get_backend(backend, cfg)
     try:
@@ -102,7 +95,7 @@ def generate(
 
 
 @app.command("filter")
-@_cli
+@cli_errors
 def filter_(
     input: Path = typer.Option(..., help="generated queries (JSONL)"),
     output: Path = typer.Option(..., help="kept queries (JSONL)"),
@@ -121,7 +114,8 @@ def filter_(
     from .corpus import read_corpus, read_jsonl, write_jsonl
     from .filter import drop_counts, filter_queries
 
-    cfg = FilterConfig(
+    cfg = FilterConfig.of(
+        "inpars filter",
         strategy=strategy,
         aggregate=aggregate,
         keep_top_k=keep_top_k,
@@ -141,7 +135,7 @@ def filter_(
 
         if not corpus:
             raise InParsError("--strategy consistency needs --corpus")
-        docs = read_corpus(corpus)
+        docs = read_corpus(fetch(corpus))
         index = build_index(docs)
     kept, drop = filter_queries(read_jsonl(input), cfg, scorer=scorer, index=index, docs=docs)
     write_jsonl(kept, output)
@@ -151,7 +145,7 @@ def filter_(
 
 
 @app.command()
-@_cli
+@cli_errors
 def negatives(
     input: Path = typer.Option(..., help="filtered queries (JSONL)"),
     corpus: str = typer.Option(...),
@@ -167,7 +161,7 @@ def negatives(
     from .corpus import read_corpus, read_jsonl, write_jsonl
     from .negatives import mine_negatives, write_triples_tsv
 
-    docs = read_corpus(corpus)
+    docs = read_corpus(fetch(corpus))
     index = build_index(docs)
     triples = mine_negatives(read_jsonl(input), index, depth=depth, n_negatives=n_negatives, skip_top=skip_top, seed=seed)
     write_jsonl(triples, output)
@@ -177,7 +171,7 @@ def negatives(
 
 
 @app.command()
-@_cli
+@cli_errors
 def train(
     triples: Path = typer.Option(..., help="triples JSONL from `inpars negatives`"),
     corpus: str = typer.Option(...),
@@ -198,7 +192,8 @@ def train(
     from .train import train_model
 
     pos, _, neg = relevance_tokens.partition(",")
-    cfg = TrainConfig(
+    cfg = TrainConfig.of(
+        "inpars train",
         model_type=model_type,
         model=model,
         loss=loss,
@@ -210,12 +205,12 @@ def train(
         seed=seed,
         relevance_tokens=(pos, neg),
     )
-    stats = train_model(read_jsonl(triples), read_corpus(corpus), cfg, output_dir)
+    stats = train_model(read_jsonl(triples), read_corpus(fetch(corpus)), cfg, output_dir)
     typer.echo(json.dumps(stats, indent=2, default=str))
 
 
 @app.command()
-@_cli
+@cli_errors
 def rerank(
     model: str = typer.Option(..., help="a trained model folder or an HF id"),
     corpus: str = typer.Option(...),
@@ -231,8 +226,8 @@ def rerank(
     from .corpus import read_corpus, read_qrels, read_queries, read_run, write_run
     from .rerank import load_reranker, rerank_run, with_tail
 
-    docs = read_corpus(corpus)
-    qs = read_queries(queries)
+    docs = read_corpus(fetch(corpus))
+    qs = read_queries(fetch(queries))
     if qrels:
         judged = read_qrels(qrels)
         qs = {q: t for q, t in qs.items() if q in judged}
@@ -249,7 +244,7 @@ def rerank(
 
 
 @app.command()
-@_cli
+@cli_errors
 def evaluate(
     run: list[Path] = typer.Option(..., help="TREC run(s); repeat to compare"),
     qrels: Path = typer.Option(...),
@@ -261,7 +256,7 @@ def evaluate(
     from .corpus import read_jsonl, read_qrels, read_run
     from .evaluate import evaluate as evaluate_
     from .evaluate import format_table
-    from .stages import fewshot_query_ids
+    from .workers import fewshot_query_ids
 
     exclude = fewshot_query_ids(read_jsonl(exclude_fewshot)) if exclude_fewshot else set()
     qrels_ = read_qrels(qrels)
@@ -272,7 +267,7 @@ def evaluate(
 
 
 @app.command()
-@_cli
+@cli_errors
 def publish(
     input: Path = typer.Option(..., help="filtered queries (JSONL)"),
     destination: str = typer.Option(..., help="local folder or gs://bucket/prefix"),
@@ -287,14 +282,14 @@ def publish(
 
 
 @app.command()
-@_cli
+@cli_errors
 def worker(
     stage: str = typer.Argument(..., help="generate | filter | negatives | train | rerank | evaluate | publish"),
     run: str = typer.Option(..., help="the run's URI: <workspace>/runs/<run-id> (local or gs://)"),
     shard_index: int | None = typer.Option(None, help="default: $JOB_COMPLETION_INDEX"),
 ):
     """Run one shard of a stage of a workspace run (what the executors and pods run)."""
-    from .stages import run_stage
+    from .workers import run_stage
 
     _setup_logging()
     done = run_stage(run, stage, shard_index)
@@ -302,7 +297,7 @@ def worker(
 
 
 @app.command()
-@_cli
+@cli_errors
 def report(
     run: str = typer.Argument(..., help="the run's URI"),
     out_dir: Path | None = typer.Option(None, help="default: <run>/report"),

@@ -39,9 +39,10 @@ class Document:
 # --------------------------------------------------------------------------- JSONL
 
 
-def parse_jsonl_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` of JSONL text; a malformed line raises naming ``where:line``."""
-    for lineno, line in enumerate(lines, 1):
+def parse_jsonl_lines(lines: Iterable[str], where: str, start: int = 1) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` of JSONL text (the first line numbered ``start``); a malformed
+    line raises naming ``where:line``."""
+    for lineno, line in enumerate(lines, start):
         if not line.strip():
             continue
         try:
@@ -53,10 +54,21 @@ def parse_jsonl_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, d
         yield lineno, obj
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of a UTF-8 text file, streamed; bytes that are not UTF-8 raise an
+    :class:`InputError` naming the file and line (a permanent error, not a traceback)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"not UTF-8 text (byte {e.start + 1} of the line)", path=str(path), line=lineno) from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` of a JSONL file; a malformed line raises naming ``path:line``."""
-    with open(path, encoding="utf-8") as f:
-        yield from parse_jsonl_lines(f, str(path))
+    for lineno, line in text_lines(path):
+        yield from parse_jsonl_lines([line], str(path), start=lineno)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -113,50 +125,68 @@ def _make_document(doc_id: object, title: object, text: object, path: str, linen
     return Document(str(doc_id).strip(), title, text)
 
 
-def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
-    """Documents in file order from a BEIR folder, JSONL, TSV or CSV file."""
+def corpus_file(path: str | os.PathLike) -> Path:
+    """The corpus file itself (``corpus.jsonl`` etc. inside a BEIR folder)."""
+    return _resolve_corpus_file(Path(path))
+
+
+def iter_documents(path: str | os.PathLike) -> Iterator[tuple[int, Document]]:
+    """``(line_number, document)`` in file order from a BEIR folder, JSONL, TSV or CSV file."""
     file = _resolve_corpus_file(Path(path))
     name = str(file)
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
         for lineno, obj in iter_jsonl(file):
-            yield _make_document(_first(obj, ID_FIELDS), obj.get("title"), _first(obj, ("text", "contents", "body")), name, lineno)
+            yield lineno, _make_document(_first(obj, ID_FIELDS), obj.get("title"), _first(obj, ("text", "contents", "body")), name, lineno)
     elif suffix in (".tsv", ".csv"):
         yield from _iter_delimited(file, "\t" if suffix == ".tsv" else ",")
     else:
         raise InputError(f"unknown corpus format {suffix!r} (expected .jsonl, .tsv or .csv)", path=name)
 
 
-def _iter_delimited(file: Path, delimiter: str) -> Iterator[Document]:
+def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
+    """Documents in file order from a BEIR folder, JSONL, TSV or CSV file."""
+    return (doc for _, doc in iter_documents(path))
+
+
+def _iter_delimited(file: Path, delimiter: str) -> Iterator[tuple[int, Document]]:
     name = str(file)
-    with open(file, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header: list[str] | None = None
-        for lineno, cells in enumerate(reader, 1):
-            if not cells or not any(c.strip() for c in cells):
-                continue
-            lowered = [c.strip().lower() for c in cells]
-            if lineno == 1 and any(c in ID_FIELDS for c in lowered):
-                header = lowered
-                continue
-            if header:
-                row = dict(zip(header, cells))
-                yield _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno)
-            elif len(cells) == 2:
-                yield _make_document(cells[0], "", cells[1], name, lineno)
-            elif len(cells) == 3:
-                yield _make_document(cells[0], cells[1], cells[2], name, lineno)
-            else:
-                raise InputError(f"expected 2 or 3 columns (id, [title,] text), got {len(cells)}", path=name, line=lineno)
+    lines = (line for _, line in text_lines(file))
+    reader = csv.reader(lines, delimiter=delimiter)
+    header: list[str] | None = None
+    for cells in reader:
+        lineno = reader.line_num
+        if not cells or not any(c.strip() for c in cells):
+            continue
+        lowered = [c.strip().lower() for c in cells]
+        if lineno == 1 and any(c in ID_FIELDS for c in lowered):
+            header = lowered
+            continue
+        if header:
+            row = dict(zip(header, cells))
+            doc = _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno)
+        elif len(cells) == 2:
+            doc = _make_document(cells[0], "", cells[1], name, lineno)
+        elif len(cells) == 3:
+            doc = _make_document(cells[0], cells[1], cells[2], name, lineno)
+        else:
+            raise InputError(f"expected 2 or 3 columns (id, [title,] text), got {len(cells)}", path=name, line=lineno)
+        yield lineno, doc
 
 
 def read_corpus(path: str | os.PathLike) -> dict[str, Document]:
-    """All documents by id, in file order; a repeated id is an error."""
+    """All documents by id, in file order; a repeated id is an error naming both lines."""
     docs: dict[str, Document] = {}
-    for doc in iter_corpus(path):
+    lines: dict[str, int] = {}
+    for lineno, doc in iter_documents(path):
         if doc.doc_id in docs:
-            raise InputError(f"document id {doc.doc_id!r} appears twice", path=str(path))
+            raise InputError(
+                f"document id {doc.doc_id!r} appears twice (lines {lines[doc.doc_id]} and {lineno})",
+                path=str(corpus_file(path)),
+                line=lineno,
+            )
         docs[doc.doc_id] = doc
+        lines[doc.doc_id] = lineno
     return docs
 
 
@@ -178,14 +208,13 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
                 raise InputError("query needs an id and a non-empty text", path=str(p), line=lineno)
             queries[str(qid)] = str(text).strip()
     else:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) < 2 or not parts[1].strip():
-                    raise InputError("expected 'id<TAB>text'", path=str(p), line=lineno)
-                queries[parts[0]] = parts[1].strip()
+        for lineno, line in text_lines(p):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) < 2 or not parts[1].strip():
+                raise InputError("expected 'id<TAB>text'", path=str(p), line=lineno)
+            queries[parts[0]] = parts[1].strip()
     return queries
 
 
@@ -195,23 +224,22 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     if not os.path.exists(path):
         raise InputError("no such file", path=path)
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if lineno == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(parts) == 3:
-                qid, did, rel = parts
-            elif len(parts) == 4:
-                qid, _, did, rel = parts
-            else:
-                raise InputError(f"expected 3 (BEIR) or 4 (TREC) columns, got {len(parts)}", path=path, line=lineno)
-            try:
-                qrels.setdefault(qid, {})[did] = int(rel)
-            except ValueError:
-                raise InputError(f"relevance {rel!r} is not an integer", path=path, line=lineno) from None
+    for lineno, line in text_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if lineno == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(parts) == 3:
+            qid, did, rel = parts
+        elif len(parts) == 4:
+            qid, _, did, rel = parts
+        else:
+            raise InputError(f"expected 3 (BEIR) or 4 (TREC) columns, got {len(parts)}", path=path, line=lineno)
+        try:
+            qrels.setdefault(qid, {})[did] = int(rel)
+        except ValueError:
+            raise InputError(f"relevance {rel!r} is not an integer", path=path, line=lineno) from None
     return qrels
 
 

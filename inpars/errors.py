@@ -29,3 +29,37 @@ class ConfigError(InParsError):
 
 class TransientError(Exception):
     """A failure that a retry may fix (network, preemption, a busy server)."""
+
+
+# The launcher's own exit code when shards failed for reasons that may pass (retries exhausted on
+# a transient error): `inpars-launch resume` may succeed later. EX_TEMPFAIL in sysexits.h.
+EXIT_TRANSIENT = 75
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code a command ends with for ``error``: 42 permanent, 75 transient, 1 unexpected."""
+    if isinstance(error, InParsError):
+        return EXIT_PERMANENT
+    if isinstance(error, TransientError):
+        return EXIT_TRANSIENT
+    return 1
+
+
+def cli_errors(fn):
+    """Turn the pipeline's errors into one readable line on stderr and their exit code (no traceback);
+    anything unexpected keeps its traceback and exits 1, which launchers retry."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (InParsError, TransientError) as e:
+            from .secrets import redact, secret_values
+
+            kind = "error" if isinstance(e, InParsError) else "transient error (retry or resume later)"
+            print(f"{kind}: {redact(str(e), secret_values())}", file=sys.stderr, flush=True)
+            raise SystemExit(exit_code(e)) from None
+
+    return wrapper

@@ -1,26 +1,33 @@
-"""A run's shared state: layout, manifest, exactly-once shard commits, completion markers, checkpoints.
+"""A run's shared state: layout, manifest, verified stage records, leases, checkpoints.
 
 A run lives at ``<workspace>/runs/<run-id>/`` (a local folder or ``gs://bucket/prefix``)::
 
     manifest.json                                   written once (create-if-absent), never rewritten
-    _manifest/<section>.json                        later additions (usage, cost...): one file per section
-    <stage>/shard-00007-of-00064.<ext>              committed output (create-if-absent)
-    <stage>/shard-00007-of-00064.done.json          completion marker {rows, bytes, sha256, stats, ...}
+    _manifest/<section>.json                        later additions (usage, settings changed on resume)
+    <stage>/shard-00007-of-00064.<ext>              a shard's main output (create-if-absent)
+    <stage>/<other files>                           the shard's side files (triples TSV, the model folder...)
+    <stage>/shard-00007-of-00064.done.json          the shard's record: every file it committed, with size
+                                                    and sha256; written last, create-only
+    <stage>/_attempts/shard-00007-of-00064/<id>.json   each attempt's timings, host, usage (not committed)
+    <stage>/_leases/shard-00007-of-00064.json       who works on the shard now (see inpars.leases)
     <stage>/_checkpoints/shard-00007-of-00064/chunk-000003.jsonl   partial progress of a shard
-    <stage>/<name>                                  other files (put_file) and folders (upload_dir)
-    <stage>/<name>.done.json                        a folder's completion marker (file list + sha256s)
     logs/<stage>/shard-7.attempt-0.log              local executor logs (local workspaces only)
 
-Exactly-once: an output is created only if absent, so of two workers racing on a shard one creates
-it and the other finds it; identical bytes count as success, different bytes are an error (a stage's
-output must be a function of its input). The marker is written after the output, also create-only;
-a shard is *done* when its marker exists. A worker that died between the two leaves an output without
-a marker: the shard is rerun, produces the same bytes and writes the marker.
+Commit protocol. What a shard commits depends only on its inputs and config: timings, hosts and
+retry counts go to its attempt record, never into committed bytes. A worker holds the shard's lease
+(:mod:`inpars.leases`) while it works, writes every file create-only, then the record, create-only.
+A shard is *done* when its record exists and every file it lists is there with its size; readers
+check each file's sha256 against the record (:meth:`Run.read_file`, :meth:`Run.fetch`), and
+``inpars-launch verify`` checks them all. A worker that died between its files and its record leaves
+files without a record: the next holder of the lease replaces them. Without a lease (library use,
+tests), identical bytes already there count as success and different bytes are an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +35,9 @@ import platform
 import re
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +45,24 @@ from . import __version__
 from .config import PipelineConfig
 from .corpus import dumps_row, parse_jsonl_lines
 from .errors import InParsError, InputError
+from .leases import Lease
+from .secrets import find_secret, secret_values
 from .shards import shard_name, shard_range
-from .storage import Storage, cache_root, is_remote, join_key, open_storage, sha256_hex
+from .storage import Storage, cache_root, check_key, is_remote, join_key, open_storage, sha256_hex
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SECTIONS = "_manifest"
+SETTINGS_SECTION = "settings"  # runtime settings changed by `resume --set` (budget, resources...)
 CHECKPOINTS = "_checkpoints"
+ATTEMPTS = "_attempts"
+LEASES = "_leases"
+RECORD_FORMAT = 2
+RECORD_KEYS = ("stage", "shard", "count", "files", "rows", "stats")
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Text files are scanned for secrets before they are written; model weights are binary.
+TEXT_SUFFIXES = (".json", ".jsonl", ".tsv", ".csv", ".txt", ".trec", ".md", ".yaml", ".yml", ".log")
 # Installed versions recorded in the manifest (those present; the rest are left out).
 PACKAGES = (
     "torch",
@@ -52,6 +70,7 @@ PACKAGES = (
     "gguf",
     "safetensors",
     "numpy",
+    "pyarrow",
     "bm25s",
     "PyStemmer",
     "ir-measures",
@@ -72,11 +91,6 @@ def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _plain(obj: Any) -> Any:
-    """JSON round trip (tuples -> lists) so a config compares equal to what was stored."""
-    return json.loads(json.dumps(obj))
-
-
 def _count_lines(data: bytes) -> int:
     return sum(1 for line in data.splitlines() if line.strip())
 
@@ -85,12 +99,28 @@ LINE_FORMATS = ("jsonl", "tsv", "trec", "txt", "csv")
 
 
 def _rows(rows: int | None, stats: dict | None, ext: str, data: bytes) -> int | None:
-    """A marker's row count: given, else ``stats["rows"]``, else the lines of a line-based format."""
+    """A record's row count: given, else ``stats["rows"]``, else the lines of a line-based format."""
     if rows is not None:
         return rows
     if stats and isinstance(stats.get("rows"), int):
         return stats["rows"]
     return _count_lines(data) if ext.lstrip(".") in LINE_FORMATS else None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scratch_root() -> Path:
+    """Where workers put what they download or build before committing: ``$INPARS_SCRATCH``, else
+    ``<cache>/scratch`` (pods point the cache at their ``/scratch`` volume, not the image's layer)."""
+    root = Path(os.environ["INPARS_SCRATCH"]) if os.environ.get("INPARS_SCRATCH") else cache_root() / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 # ----------------------------------------------------------------------------- run ids, manifest
@@ -99,12 +129,30 @@ def _rows(rows: int | None, stats: dict | None, ext: str, data: bytes) -> int | 
 def new_run_id(dataset: str, now: _dt.datetime | None = None) -> str:
     """``scifact-20261126-1530-ab12``: readable, sortable, unique, a DNS-1123 label (k8s Job names)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    slug = re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-")[:24].strip("-") or "run"
-    return f"{slug}-{now:%Y%m%d-%H%M}-{os.urandom(2).hex()}"
+    return f"{_slug(dataset, 24)}-{now:%Y%m%d-%H%M}-{os.urandom(2).hex()}"
+
+
+def _slug(text: str, length: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].strip("-") or "run"
+
+
+def config_digest(config: PipelineConfig) -> str:
+    """A short hash of every setting that can change a committed byte (runtime settings left out)."""
+    data = config.to_dict()
+    data.pop("resources", None)
+    data.pop("image", None)
+    for key in ("budget_usd", "concurrency", "request_timeout", "max_retries"):
+        data["generate"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def stable_run_id(config: PipelineConfig) -> str:
+    """``<dataset>-<config hash>``: the same config gives the same run, so running it again resumes it."""
+    return check_run_id(f"{_slug(config.data.name, 40)}-{config_digest(config)}")
 
 
 def check_run_id(run_id: str) -> str:
-    if len(run_id) > 63 or not RUN_ID_RE.match(run_id):
+    if not isinstance(run_id, str) or len(run_id) > 63 or not RUN_ID_RE.match(run_id):
         raise InParsError(
             f"run id {run_id!r} must be lowercase letters, digits and '-', start and end with a letter "
             "or digit, at most 63 characters (it names Kubernetes Jobs)"
@@ -164,21 +212,9 @@ def _identity(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.I)  # OPENAI_API_KEY, HF_TOKEN, ...
-
-
-def _check_no_secrets(payload: bytes, config: PipelineConfig) -> None:
-    """Refuse to write any secret-looking environment value (API keys, tokens) into shared state.
-
-    The config holds only the *name* of the API key variable; this catches a key pasted where a
-    name or URL belongs.
-    """
-    text = payload.decode("utf-8", "replace")
-    names = {config.generate.api_key_env} | {k for k in os.environ if _SECRET_NAME.search(k)}
-    for name in sorted(names):
-        value = os.environ.get(name, "")
-        if len(value) >= 8 and value in text:
-            raise InParsError(f"refusing to write the value of ${name} (a secret) into the run manifest")
+def secret_env_names(config: PipelineConfig) -> list[str]:
+    """The variables whose values this run must never write: the API key and the hub token."""
+    return [config.generate.api_key_env, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -190,9 +226,13 @@ class Run:
     def __init__(self, uri: str, manifest: dict[str, Any], storage: Storage | None = None):
         self.uri = str(uri).rstrip("/")
         self.storage = storage or open_storage(self.uri)
+        if not isinstance(manifest, dict) or "run_id" not in manifest or "config" not in manifest:
+            raise InputError("the manifest lacks run_id or config", path=f"{self.uri}/{MANIFEST}")
         self._manifest = manifest
-        self.run_id: str = manifest["run_id"]
-        self.config = PipelineConfig.from_dict(manifest["config"])
+        self.run_id: str = check_run_id(manifest["run_id"])
+        self.config = self._effective_config()
+        self._secrets = secret_values(secret_env_names(self.config))
+        self.bytes_read = 0  # what this process read from the workspace (benchmarks, attempt records)
 
     def __repr__(self) -> str:
         return f"Run({self.uri!r})"
@@ -216,7 +256,7 @@ class Run:
             else str(Path(str(workspace_uri).removeprefix("file://")).expanduser().absolute() / "runs" / run_id)
         )
         storage = open_storage(uri)
-        config_dict = _plain(config.to_dict())
+        config_dict = config.to_dict()
         manifest = {
             "run_id": run_id,
             "created_at": _now(),
@@ -226,11 +266,11 @@ class Run:
             **_identity(config),
         }
         payload = _dumps(manifest)
-        _check_no_secrets(payload, config)
+        _refuse_secrets(payload, secret_values(secret_env_names(config)), f"{uri}/{MANIFEST}")
         if storage.create_if_absent(MANIFEST, payload):
             return cls(uri, manifest, storage)
         existing = cls.open(uri)
-        if existing._manifest["config"] != config_dict:
+        if config_digest(PipelineConfig.from_dict(existing._manifest["config"])) != config_digest(config):
             diff = _diff(existing._manifest["config"], config_dict)
             raise InParsError(
                 f"run {run_id} already exists at {uri} with a different config ({', '.join(diff[:8])}"
@@ -242,12 +282,39 @@ class Run:
     def open(cls, run_uri: str) -> Run:
         storage = open_storage(run_uri)
         try:
-            manifest = json.loads(storage.read_bytes(MANIFEST))
+            raw = storage.read_bytes(MANIFEST)
         except FileNotFoundError:
             raise InParsError(f"no run at {run_uri} ({MANIFEST} is missing)") from None
-        except json.JSONDecodeError as e:
-            raise InputError(f"corrupt manifest ({e.msg})", path=storage.uri(MANIFEST)) from None
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"corrupt manifest ({getattr(e, 'msg', e)})", path=storage.uri(MANIFEST)) from None
         return cls(storage.uri(), manifest, storage)
+
+    def _effective_config(self) -> PipelineConfig:
+        """The manifest's config with the runtime settings changed on resume applied on top."""
+        config = PipelineConfig.from_dict(self._manifest["config"], where=f"{self.uri}/{MANIFEST}")
+        try:
+            raw = self.storage.read_bytes(f"{SECTIONS}/{SETTINGS_SECTION}.json")
+        except FileNotFoundError:
+            return config
+        from .config import runtime_only
+
+        overrides = json.loads(raw)
+        runtime_only(overrides)
+        return config.override(overrides)
+
+    def change_settings(self, dotted: Mapping[str, Any]) -> PipelineConfig:
+        """Change runtime settings (budget, concurrency, resources...) of an existing run; returns the new config."""
+        from .config import runtime_only
+
+        runtime_only(dict(dotted))
+        current = self.manifest.get(SETTINGS_SECTION) or {}
+        merged = {**current, **dotted}
+        config = PipelineConfig.from_dict(self._manifest["config"]).override(merged)  # validates
+        self.update_manifest(SETTINGS_SECTION, merged)
+        self.config = config
+        return config
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -259,7 +326,7 @@ class Run:
         return merged
 
     def update_manifest(self, section: str, data: dict[str, Any]) -> None:
-        """Record a later addition (usage, cost, metrics summary) as ``_manifest/<section>.json``.
+        """Record a later addition (usage, cost, settings) as ``_manifest/<section>.json``.
 
         manifest.json itself is never rewritten (it was created exactly once); each section is its
         own file, so two stages never lose each other's updates; within one section the last writer
@@ -267,11 +334,24 @@ class Run:
         """
         if section in self._manifest or not re.match(r"^[A-Za-z0-9_.-]+$", section):
             raise InParsError(f"cannot update manifest section {section!r}")
-        payload = _dumps(data)
-        _check_no_secrets(payload, self.config)
-        self.storage.write_bytes(f"{SECTIONS}/{section}.json", payload)
+        self.write_bytes(f"{SECTIONS}/{section}.json", _dumps(data))
 
-    # -------------------------------------------------------------- shards
+    # -------------------------------------------------------------- writing (every payload scanned)
+
+    def scan(self, payload: bytes | str, where: str) -> None:
+        """Refuse (permanent error naming the variable and the file, never the value) to write a secret."""
+        _refuse_secrets(payload, self._secrets, where)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Overwrite ``key`` (uncommitted state only: sections, attempts, summaries), after a secret scan."""
+        self.scan(data, self.storage.uri(key))
+        self.storage.write_bytes(key, data)
+
+    def _create(self, key: str, data: bytes) -> bool:
+        self.scan(data, self.storage.uri(key))
+        return self.storage.create_if_absent(key, data)
+
+    # -------------------------------------------------------------- layout
 
     @staticmethod
     def shard_key(stage: str, index: int, count: int, ext: str = "jsonl") -> str:
@@ -279,75 +359,144 @@ class Run:
         return f"{stage}/{shard_name(index, count, ext)}"
 
     @staticmethod
-    def marker_key(stage: str, index: int, count: int) -> str:
+    def record_key(stage: str, index: int, count: int) -> str:
         return f"{stage}/{shard_name(index, count, 'done.json')}"
+
+    marker_key = record_key
+
+    @staticmethod
+    def _shard_dir(stage: str, kind: str, index: int, count: int) -> str:
+        return f"{stage}/{kind}/{shard_name(index, count, '')[:-1]}"
+
+    def lease(self, stage: str, index: int, count: int) -> Lease:
+        """The lease object of one shard (see :mod:`inpars.leases`); not yet acquired."""
+        return Lease(self.storage, f"{stage}/{LEASES}/{shard_name(index, count, 'json')}")
+
+    # -------------------------------------------------------------- commit
 
     def commit_shard(
         self,
         stage: str,
         index: int,
         count: int,
-        data: bytes,
+        data: bytes | None = None,
         *,
         ext: str = "jsonl",
+        files: Mapping[str, bytes | os.PathLike] | None = None,
         stats: dict[str, Any] | None = None,
         rows: int | None = None,
+        lease: Lease | None = None,
     ) -> bool:
-        """Commit a shard's output exactly once, then its marker.
+        """Commit one shard: its main output ``data`` (as ``shard-i-of-n.<ext>``), its side ``files``
+        (``{name under <stage>/: bytes or a local file}``; a model folder is its files, ``model/...``),
+        then its record. Returns True when this call created the main output (the record too),
+        False when it was already there with the same bytes (an earlier attempt or a twin).
 
-        Returns True when this call created the output, False when identical bytes were already
-        committed (by an earlier attempt or a racing worker). Different bytes already committed
-        raise :class:`InParsError`. The marker's ``rows``: ``rows`` if given, else ``stats["rows"]``, else the
-        number of non-empty lines for line formats (jsonl, tsv, trec, txt, csv), else null.
+        With ``lease`` (what workers pass), files left by an attempt that died before its record are
+        replaced; without one, different bytes already committed raise :class:`InParsError` (a
+        stage's output must be deterministic). ``rows``: given, else ``stats["rows"]``, else the
+        lines of a line-based main output.
         """
-        key = self.shard_key(stage, index, count, ext)
-        digest = sha256_hex(data)
-        created = self.storage.create_if_absent(key, data)
-        if not created:
-            existing = sha256_hex(self.storage.read_bytes(key))
-            if existing != digest:
-                raise InParsError(
-                    f"{stage} shard {index} of {count} is already committed at {self.storage.uri(key)} with "
-                    f"different content (sha256 {existing[:12]}, this worker made {digest[:12]}): a stage's "
-                    "output must be deterministic; delete the shard and its .done.json to redo it"
-                )
-        marker = {
+        shard_range(0, index, count)
+        payloads: dict[str, bytes | Path] = {}
+        if data is not None:
+            payloads[shard_name(index, count, ext)] = data
+        for name, value in (files or {}).items():
+            check_key(name)
+            payloads[name] = value if isinstance(value, bytes) else Path(value)
+        if not payloads:
+            raise InParsError(f"{stage} shard {index}: nothing to commit")
+        if lease is not None:
+            lease.check()
+            if self.shard_done(stage, index, count):
+                return False
+        listing: dict[str, dict[str, Any]] = {}
+        created = {}
+        for name, value in payloads.items():
+            listing[name], created[name] = self._put(stage, name, value, lease=lease, index=index, count=count)
+        primary = shard_name(index, count, ext) if data is not None else None
+        record = {
+            "format": RECORD_FORMAT,
             "stage": stage,
             "shard": index,
             "count": count,
-            "key": key,
-            "rows": _rows(rows, stats, ext, data),
-            "bytes": len(data),
-            "sha256": digest,
+            "files": listing,
+            "rows": _rows(rows, stats, ext if data is not None else "", data or b""),
             "stats": stats or {},
-            "committed_at": _now(),
-            "host": socket.gethostname(),
         }
-        mkey = self.marker_key(stage, index, count)
-        if not self.storage.create_if_absent(mkey, _dumps(marker)):
-            old = self._marker(stage, index, count)
-            if old.get("sha256") != digest:
-                raise InParsError(f"{self.storage.uri(mkey)} records sha256 {old.get('sha256')} but the shard holds {digest}")
-        return created
+        if primary is not None:  # the main file's identity at the top level, as readers of format 1 expect
+            record.update(key=f"{stage}/{primary}", bytes=listing[primary]["bytes"], sha256=listing[primary]["sha256"])
+        if lease is not None:
+            lease.check()
+        rkey = self.record_key(stage, index, count)
+        if not self._create(rkey, _dumps(record)):
+            old = self.record(stage, index, count) or {}
+            if old.get("files") != listing:
+                raise InParsError(
+                    f"{self.storage.uri(rkey)} records other files than this worker committed: a stage's output must be deterministic"
+                )
+            return created[primary] if primary is not None else False
+        return created[primary] if primary is not None else True
 
-    def _marker(self, stage: str, index: int, count: int) -> dict[str, Any]:
-        key = self.marker_key(stage, index, count)
-        try:
-            return json.loads(self.storage.read_bytes(key))
-        except json.JSONDecodeError as e:
-            raise InputError(f"corrupt completion marker ({e.msg})", path=self.storage.uri(key)) from None
+    def _put(
+        self, stage: str, name: str, value: bytes | Path, *, lease: Lease | None, index: int, count: int
+    ) -> tuple[dict[str, Any], bool]:
+        """Store one file create-only; ``({bytes, sha256}, whether this call created it)``."""
+        key = join_key(stage, name)
+        if isinstance(value, bytes):
+            size, digest = len(value), sha256_hex(value)
+            if name.endswith(TEXT_SUFFIXES) or "." not in name.rsplit("/", 1)[-1]:
+                self.scan(value, self.storage.uri(key))
+            created = self.storage.create_if_absent(key, value)
+        else:
+            size, digest = value.stat().st_size, _file_sha256(value)
+            if name.endswith(TEXT_SUFFIXES):
+                self.scan(value.read_bytes(), self.storage.uri(key))
+            created = self.storage.upload_file(key, value)
+        entry = {"bytes": size, "sha256": digest}
+        if created:
+            return entry, True
+        existing = self._sha256_of(key)
+        if existing == digest:
+            return entry, False
+        if lease is None:
+            raise InParsError(
+                f"{stage} shard {index} of {count} is already committed at {self.storage.uri(key)} with different content "
+                f"(sha256 {existing[:12]}, this worker made {digest[:12]}): a stage's output must be deterministic; "
+                "delete the shard and its .done.json to redo it"
+            )
+        # The lease holder replaces what an attempt that died before its record left behind.
+        log.warning("replacing %s left by an earlier attempt (it has no record)", self.storage.uri(key))
+        self.storage.delete(key)
+        ok = self.storage.create_if_absent(key, value) if isinstance(value, bytes) else self.storage.upload_file(key, value)
+        if not ok:
+            lease.check()
+            raise InParsError(f"{self.storage.uri(key)} was written by someone else while this worker held the shard's lease")
+        return entry, True
 
-    def shard_marker(self, stage: str, index: int, count: int) -> dict[str, Any] | None:
-        """The completion marker of a shard, or None when it is not done."""
+    def _sha256_of(self, key: str) -> str:
+        if self.is_local:
+            return _file_sha256(Path(self.storage.uri(key)))
+        with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
+            return self.storage.download_file(key, Path(tmp) / "blob")
+
+    # -------------------------------------------------------------- records
+
+    def record(self, stage: str, index: int, count: int) -> dict[str, Any] | None:
+        """The shard's record (None when it is not committed); a malformed one is an InputError."""
+        key = self.record_key(stage, index, count)
         try:
-            return self._marker(stage, index, count)
+            raw = self.storage.read_bytes(key)
         except FileNotFoundError:
             return None
+        return parse_record(raw, self.storage.uri(key))
+
+    shard_marker = record
 
     def shard_done(self, stage: str, index: int, count: int) -> bool:
-        return self.storage.exists(self.marker_key(stage, index, count))
+        return self.storage.exists(self.record_key(stage, index, count))
 
-    def _done_markers(self, stage: str) -> dict[int, set[int]]:
+    def _done_records(self, stage: str) -> dict[int, set[int]]:
         """{count: {done indexes}} from one listing (one request on GCS)."""
         found: dict[int, set[int]] = {}
         for key in self.storage.list(f"{stage}/shard-"):
@@ -357,56 +506,125 @@ class Run:
         return found
 
     def missing_shards(self, stage: str, count: int) -> list[int]:
-        done = self._done_markers(stage).get(count, set())
+        done = self._done_records(stage).get(count, set())
         return [i for i in range(count) if i not in done]
 
     def require_complete(self, stage: str, count: int, needed_by: str | None = None) -> None:
         """Raise :class:`InParsError` naming the shards of ``stage`` that are not committed."""
-        markers = self._done_markers(stage)
-        missing = [i for i in range(count) if i not in markers.get(count, set())]
+        records = self._done_records(stage)
+        missing = [i for i in range(count) if i not in records.get(count, set())]
         if not missing:
             return
         shown = ", ".join(map(str, missing[:20])) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
         msg = f"{needed_by or 'this step'} needs {stage} shards {shown} of {count}; run them first"
-        others = sorted(c for c in markers if c != count)
+        others = sorted(c for c in records if c != count)
         if others:
             msg += f" (found {stage} shards committed for a shard count of {', '.join(map(str, others))}: the config changed?)"
         raise InParsError(msg)
 
-    def read_shard(self, stage: str, index: int, count: int, ext: str = "jsonl") -> bytes:
-        """A committed shard's bytes, checked against the sha256 in its marker."""
-        marker = self.shard_marker(stage, index, count)
-        if marker is None:
-            raise InParsError(f"{stage} shard {index} of {count} is not committed; run it first")
-        key = self.shard_key(stage, index, count, ext)
-        data = self.storage.read_bytes(key)
-        if sha256_hex(data) != marker["sha256"]:
-            raise InParsError(f"{self.storage.uri(key)} does not match the sha256 in its marker: corrupted?")
+    def _listed(self, stage: str, name: str, index: int, count: int) -> dict[str, Any]:
+        record = self.record(stage, index, count)
+        if record is None:
+            raise InParsError(f"{stage} shard {index} of {count} is not committed; run the {stage} stage first")
+        entry = record["files"].get(name)
+        if entry is None:
+            raise InParsError(f"{stage} shard {index} of {count} committed no file {name!r}")
+        return entry
+
+    def read_file(self, stage: str, name: str, index: int = 0, count: int = 1) -> bytes:
+        """A committed file's bytes, checked against the size and sha256 in its shard's record."""
+        entry = self._listed(stage, name, index, count)
+        key = join_key(stage, name)
+        try:
+            data = self.storage.read_bytes(key)
+        except FileNotFoundError:
+            raise InParsError(
+                f"{self.storage.uri(key)} is listed in its record but missing: run `inpars-launch verify` and resume"
+            ) from None
+        self.bytes_read += len(data)
+        if len(data) != entry["bytes"] or sha256_hex(data) != entry["sha256"]:
+            raise InParsError(f"{self.storage.uri(key)} does not match the sha256 in its record: corrupted? run `inpars-launch verify`")
         return data
+
+    def has_file(self, stage: str, name: str, index: int = 0, count: int = 1) -> bool:
+        record = self.record(stage, index, count)
+        return record is not None and name in record["files"]
+
+    def read_shard(self, stage: str, index: int, count: int, ext: str = "jsonl") -> bytes:
+        """A committed shard's main output, verified."""
+        return self.read_file(stage, shard_name(index, count, ext), index, count)
+
+    def fetch(self, stage: str, name: str, index: int = 0, count: int = 1, *, into: str | os.PathLike | None = None) -> Path:
+        """A local path holding the committed file or folder ``<stage>/<name>`` (every file under
+        ``name/`` for a folder), each file verified against the record. A local workspace serves its
+        own files in place; a gs:// one streams them to ``into`` (default: under :func:`scratch_root`)."""
+        record = self.record(stage, index, count)
+        if record is None:
+            raise InParsError(f"{stage} shard {index} of {count} is not committed; run the {stage} stage first")
+        entries = {n: e for n, e in record["files"].items() if n == name or n.startswith(name.rstrip("/") + "/")}
+        if not entries:
+            raise InParsError(f"{stage} shard {index} of {count} committed nothing under {name!r}")
+        base = (
+            Path(self.storage.uri(stage)) if self.is_local and into is None else Path(into or scratch_root() / "runs" / self.run_id / stage)
+        )
+        for rel, entry in sorted(entries.items()):
+            target = base / rel
+            key = join_key(stage, rel)
+            if self.is_local and into is None:
+                if not target.is_file():
+                    raise InParsError(f"{target} is listed in its record but missing: run `inpars-launch verify` and resume")
+                digest = _file_sha256(target)
+            elif target.is_file() and target.stat().st_size == entry["bytes"] and _file_sha256(target) == entry["sha256"]:
+                continue  # fetched before by this pod
+            else:
+                try:
+                    digest = self.storage.download_file(key, target)
+                except FileNotFoundError:
+                    raise InParsError(f"{self.storage.uri(key)} is listed in its record but missing: run `inpars-launch verify`") from None
+                self.bytes_read += entry["bytes"]
+            if digest != entry["sha256"]:
+                raise InParsError(f"{self.storage.uri(key)} does not match the sha256 in its record: corrupted? run `inpars-launch verify`")
+        return base / name
+
+    def iter_rows(self, stage: str, count: int, *, needed_by: str | None = None, name: str | None = None) -> Iterator[dict]:
+        """The rows of a JSONL stage, shard after shard, streamed (each shard verified as it is read)."""
+        self.require_complete(stage, count, needed_by)
+        for i in range(count):
+            fname = name.format(shard=shard_name(i, count, "jsonl")) if name else shard_name(i, count, "jsonl")
+            path = self.fetch(stage, fname, i, count)
+            yield from (row for _, row in iter_jsonl_file(path))
 
     def read_rows(self, stage: str, count: int, *, needed_by: str | None = None) -> list[dict]:
         """All rows of a JSONL stage, shards 0..count-1 in order (every shard must be committed)."""
-        self.require_complete(stage, count, needed_by)
-        rows: list[dict] = []
-        for i in range(count):
-            data = self.read_shard(stage, i, count)
-            rows.extend(parse_jsonl(data, self.storage.uri(self.shard_key(stage, i, count))))
-        return rows
+        return list(self.iter_rows(stage, count, needed_by=needed_by))
+
+    # -------------------------------------------------------------- status and verification
 
     def stage_status(self, stage: str, count: int) -> dict[str, Any]:
-        """``{stage, count, done: [...], missing: [...], rows, bytes, partial: [...]}`` from the workspace.
+        """``{stage, count, done, missing, partial, invalid, rows, bytes}`` from the workspace alone.
 
-        ``rows``/``bytes`` sum the done shards' markers; ``partial`` lists undone shards that have
-        checkpoint chunks (started, possibly running or failed: the workspace alone cannot tell).
+        A shard is *done* when its record exists and every file it lists is present with its size
+        (one listing of the stage); ``invalid`` lists records whose files are missing or of the wrong
+        size (they count as missing: resume redoes them). ``partial`` lists missing shards with
+        checkpoint chunks (started: running, or failed — the workspace alone cannot tell).
         """
-        done = sorted(self._done_markers(stage).get(count, set()))
-        rows = nbytes = 0
-        for i in done:
-            marker = self.shard_marker(stage, i, count) or {}
-            rows += int(marker.get("rows") or 0)
-            nbytes += int(marker.get("bytes") or 0)
+        sizes = self.storage.sizes(f"{stage}/")
+        recorded = sorted(self._done_records(stage).get(count, set()))
+        done, invalid, rows, nbytes = [], [], 0, 0
+        for i in recorded:
+            try:
+                record = self.record(stage, i, count) or {}
+            except InputError:
+                invalid.append(i)
+                continue
+            if all(sizes.get(join_key(stage, n)) == e["bytes"] for n, e in record["files"].items()):
+                done.append(i)
+                rows += int(record.get("rows") or 0)
+                nbytes += sum(int(e["bytes"]) for e in record["files"].values())
+            else:
+                invalid.append(i)
         started = set()
-        for key in self.storage.list(f"{stage}/{CHECKPOINTS}/"):
+        for key in sizes:
             m = re.match(rf"{re.escape(stage)}/{CHECKPOINTS}/shard-(\d+)-of-{count:05d}/", key)
             if m:
                 started.add(int(m.group(1)))
@@ -417,100 +635,159 @@ class Run:
             "done": done,
             "missing": missing,
             "partial": sorted(started & set(missing)),
+            "invalid": invalid,
             "rows": rows,
             "bytes": nbytes,
         }
 
-    # -------------------------------------------------------------- other files and folders
+    def verify_shard(self, stage: str, index: int, count: int, *, deep: bool = True) -> list[str]:
+        """What is wrong with a committed shard (empty: nothing): missing files, wrong sizes and, with
+        ``deep``, wrong sha256s."""
+        try:
+            record = self.record(stage, index, count)
+        except InputError as e:
+            return [str(e)]
+        if record is None:
+            return [f"{stage} shard {index} of {count}: not committed"]
+        problems = []
+        sizes = self.storage.sizes(f"{stage}/")
+        for name, entry in sorted(record["files"].items()):
+            key = join_key(stage, name)
+            uri = self.storage.uri(key)
+            if key not in sizes:
+                problems.append(f"{uri}: missing")
+            elif sizes[key] != entry["bytes"]:
+                problems.append(f"{uri}: {sizes[key]} bytes, the record says {entry['bytes']}")
+            elif deep and self._sha256_of(key) != entry["sha256"]:
+                problems.append(f"{uri}: sha256 differs from the record")
+        return problems
 
-    def file_key(self, stage: str, name: str) -> str:
-        return join_key(stage, name)
+    def invalidate(self, stage: str, index: int, count: int, reason: str) -> None:
+        """Set a bad shard aside so that it is redone: its record moves to ``_invalid/`` with the reason."""
+        key = self.record_key(stage, index, count)
+        try:
+            raw = self.storage.read_bytes(key)
+        except FileNotFoundError:
+            return
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = f"{stage}/_invalid/{shard_name(index, count, '')[:-1]}.{stamp}.json"
+        self.write_bytes(aside, _dumps({"reason": reason, "record": raw.decode("utf-8", "replace")}))
+        self.storage.delete(key)
+        log.warning("%s shard %d of %d set aside to be redone: %s", stage, index, count, reason)
 
-    def file_uri(self, stage: str, name: str) -> str:
-        return self.storage.uri(self.file_key(stage, name))
-
-    def has_file(self, stage: str, name: str) -> bool:
-        return self.storage.exists(self.file_key(stage, name))
+    # -------------------------------------------------------------- uncommitted state
 
     def put_file(self, stage: str, name: str, data: bytes, exclusive: bool = True) -> bool:
-        """Store ``<stage>/<name>``. Exclusive (default): create-only, identical bytes already there
-        return False, different bytes raise :class:`InParsError`. Not exclusive: overwrite, True."""
-        key = self.file_key(stage, name)
+        """Store an uncommitted ``<stage>/<name>`` (reports, summaries). Exclusive (default):
+        create-only, identical bytes already there return False, different bytes raise
+        :class:`InParsError`. Not exclusive: overwrite, True. Committed outputs go through
+        :meth:`commit_shard`."""
+        key = join_key(stage, check_key(name))
         if not exclusive:
-            self.storage.write_bytes(key, data)
+            self.write_bytes(key, data)
             return True
-        if self.storage.create_if_absent(key, data):
+        if self._create(key, data):
             return True
         if sha256_hex(self.storage.read_bytes(key)) != sha256_hex(data):
             raise InParsError(f"{self.storage.uri(key)} already exists with different content")
         return False
 
     def get_file(self, stage: str, name: str) -> bytes:
+        """An uncommitted file (or any file, unverified); see :meth:`read_file` for committed ones."""
         try:
-            return self.storage.read_bytes(self.file_key(stage, name))
+            return self.storage.read_bytes(join_key(stage, check_key(name)))
         except FileNotFoundError:
-            raise InParsError(f"{self.file_uri(stage, name)} is missing: run the {stage} stage first") from None
+            raise InParsError(f"{self.storage.uri(join_key(stage, name))} is missing: run the {stage} stage first") from None
 
-    def local_dir(self, stage: str, name: str) -> Path:
-        """A local folder to write ``<stage>/<name>`` into before :meth:`upload_dir`.
+    def record_attempt(self, stage: str, index: int, count: int, info: dict[str, Any]) -> str:
+        """Store one attempt's timings, host and usage beside the shard (never part of what is committed)."""
+        attempt = info.get("attempt") or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{socket.gethostname()}-{os.getpid()}"
+        key = f"{self._shard_dir(stage, ATTEMPTS, index, count)}/{attempt}.json"
+        self.write_bytes(key, _dumps({"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), **info}))
+        return key
 
-        Local workspace: the folder inside the run itself (upload_dir then copies nothing).
-        gs:// workspace: a scratch folder under the cache.
-        """
-        if self.is_local:
-            path = Path(self.uri) / stage / name
-        else:
-            path = cache_root() / "runs" / self.run_id / stage / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def attempts(self, stage: str, index: int, count: int) -> list[dict[str, Any]]:
+        out = []
+        for key in self.storage.list(self._shard_dir(stage, ATTEMPTS, index, count) + "/"):
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                out.append(json.loads(self.storage.read_bytes(key)))
+        return out
 
-    def dir_done(self, stage: str, name: str) -> bool:
-        return self.storage.exists(self.file_key(stage, f"{name}.done.json"))
-
-    def upload_dir(self, stage: str, name: str, local_dir: str | os.PathLike) -> dict[str, Any]:
-        """Store a folder (e.g. train's model) as ``<stage>/<name>/`` and mark it complete.
-
-        Files are copied (overwriting; skipped when ``local_dir`` already is the workspace folder),
-        then ``<stage>/<name>.done.json`` (file list with sizes and sha256s) is created; a reader
-        only trusts a folder with that marker (:meth:`download_dir`). Returns the marker.
-        """
-        local_dir = Path(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        if not files:
-            raise InParsError(f"{local_dir} is empty: nothing to store as {self.file_uri(stage, name)}")
-        prefix = self.file_key(stage, name)
-        in_place = self.is_local and local_dir.absolute() == (Path(self.uri) / prefix).absolute()
-        listing = {}
-        for path in files:
-            rel = path.relative_to(local_dir).as_posix()
-            data = path.read_bytes()
-            listing[rel] = {"bytes": len(data), "sha256": sha256_hex(data)}
-            if not in_place:
-                self.storage.write_bytes(join_key(prefix, rel), data)
-        marker = {"stage": stage, "name": name, "files": listing, "committed_at": _now(), "host": socket.gethostname()}
-        self.storage.write_bytes(self.file_key(stage, f"{name}.done.json"), _dumps(marker))
-        return marker
-
-    def download_dir(self, stage: str, name: str, local_dir: str | os.PathLike | None = None) -> Path:
-        """A local folder holding the completed ``<stage>/<name>/`` (the workspace folder itself for a
-        local workspace when ``local_dir`` is None; else downloaded, by default into the cache)."""
-        if not self.dir_done(stage, name):
-            raise InParsError(f"{self.file_uri(stage, name)} is missing or incomplete: run the {stage} stage first")
-        prefix = self.file_key(stage, name)
-        if local_dir is None:
-            if self.is_local:
-                return Path(self.uri) / prefix
-            local_dir = cache_root() / "runs" / self.run_id / prefix
-        return self.storage.download_dir(prefix, local_dir)
+    def stage_progress(self, stage: str, shards: Sequence[int], count: int) -> dict[str, Any] | None:
+        """What the workers of ``shards`` last noted (:meth:`inpars.workers.Shard.progress`), summed:
+        ``{done, total, unit, rate (units/s), eta (s)}``, or None when none of them noted anything."""
+        done = total = 0
+        rate = 0.0
+        unit = None
+        for i in shards:
+            notes = [a for a in self.attempts(stage, i, count) if a.get("progress") and a.get("outcome") not in ("failed",)]
+            if not notes:
+                continue
+            latest = max(notes, key=lambda a: a["progress"].get("at", 0))
+            prog = latest["progress"]
+            unit = prog.get("unit", unit)
+            done += int(prog.get("done") or 0)
+            total += int(prog.get("total") or 0)
+            elapsed = float(prog.get("at", 0)) - float(latest.get("started_at") or prog.get("at", 0))
+            if elapsed > 0:
+                rate += int(prog.get("done") or 0) / elapsed
+        if unit is None:
+            return None
+        eta = (total - done) / rate if rate > 0 and total >= done else None
+        return {"done": done, "total": total, "unit": unit, "rate": rate, "eta": eta}
 
     # -------------------------------------------------------------- checkpoints
 
     def checkpoint(self, stage: str, index: int, count: int) -> Checkpoint:
-        return Checkpoint(self.storage, f"{stage}/{CHECKPOINTS}/{shard_name(index, count, '')[:-1]}")
+        return Checkpoint(self.storage, self._shard_dir(stage, CHECKPOINTS, index, count), scan=self.scan)
+
+
+def parse_record(raw: bytes, where: str) -> dict[str, Any]:
+    """A record read back, checked: malformed JSON or a missing key is an InputError naming the file."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt completion record ({getattr(e, 'msg', e)})", path=where) from None
+    if not isinstance(record, dict):
+        raise InputError("corrupt completion record (not a JSON object)", path=where)
+    if "files" not in record and {"key", "bytes", "sha256"} <= set(record):  # format 1: one file
+        record["files"] = {record["key"].split("/", 1)[-1]: {"bytes": record["bytes"], "sha256": record["sha256"]}}
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise InputError(f"completion record lacks {', '.join(missing)}", path=where)
+    if not isinstance(record["files"], dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in record["files"].values()
+    ):
+        raise InputError("completion record lists files without bytes and sha256", path=where)
+    for name in record["files"]:
+        check_key(name, where=where)
+    return record
+
+
+def iter_jsonl_file(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line, row)`` of a local JSONL file, streamed; bad lines raise naming file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("not UTF-8 text", path=str(path), line=lineno) from None
+            yield from ((lineno, obj) for _, obj in parse_jsonl_lines([line], str(path), start=lineno))
+
+
+def _refuse_secrets(payload: bytes | str, secrets: dict[str, str], where: str) -> None:
+    name = find_secret(payload, secrets) if secrets else None
+    if name:
+        raise InParsError(f"refusing to write the value of ${name} (a secret) into {where}")
 
 
 def parse_jsonl(data: bytes, where: str) -> list[dict]:
-    return [obj for _, obj in parse_jsonl_lines(data.decode("utf-8").splitlines(), where)]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError("not UTF-8 text", path=where, line=line) from None
+    return [obj for _, obj in parse_jsonl_lines(text.splitlines(), where)]
 
 
 def dumps_rows(rows: Sequence[dict]) -> bytes:
@@ -540,9 +817,10 @@ class Checkpoint:
     the first chunk stored wins and both continue from it (identical for deterministic work).
     """
 
-    def __init__(self, storage: Storage, prefix: str):
+    def __init__(self, storage: Storage, prefix: str, *, scan: Callable[[bytes, str], None] | None = None):
         self.storage = storage
         self.prefix = prefix.rstrip("/")
+        self.scan = scan  # refuses secrets (the run's scan); checkpoints are workspace payloads too
 
     def key(self, chunk_no: int) -> str:
         return f"{self.prefix}/chunk-{chunk_no:06d}.jsonl"
@@ -598,6 +876,8 @@ class Checkpoint:
         valid chunk another worker stored first. A corrupt leftover in the way is replaced."""
         data = self.encode(chunk_no, rows, start=start, items=items)
         key = self.key(chunk_no)
+        if self.scan is not None:
+            self.scan(data, self.storage.uri(key))
         for _ in range(3):
             if self.storage.create_if_absent(key, data):
                 return list(rows)

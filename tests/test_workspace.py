@@ -208,17 +208,20 @@ def test_files_and_dirs(run, tmp_path):
     assert run.get_file("evaluate", "metrics.json") == b"{2}"
     with pytest.raises(InParsError, match="run the rerank stage first"):
         run.get_file("rerank", "run.trec")
-    out = run.local_dir("train", "model")
+    # A folder (the trained model) is committed as files of the train shard and fetched verified.
+    out = tmp_path / "model"
+    out.mkdir()
     (out / "config.json").write_text("{}")
     (out / "w.bin").write_bytes(b"\0" * 100)
-    with pytest.raises(InParsError, match="incomplete"):
-        run.download_dir("train", "model")
-    marker = run.upload_dir("train", "model", out)
-    assert set(marker["files"]) == {"config.json", "w.bin"}
-    got = run.download_dir("train", "model", tmp_path / "dl")
+    with pytest.raises(InParsError, match="not committed"):
+        run.fetch("train", "model")
+    files = {f"model/{p.name}": p for p in out.iterdir()}
+    run.commit_shard("train", 0, 1, b"{}\n", ext="json", files=files)
+    assert set(run.record("train", 0, 1)["files"]) == {"shard-00000-of-00001.json", "model/config.json", "model/w.bin"}
+    got = run.fetch("train", "model", into=tmp_path / "dl")
     assert (got / "w.bin").read_bytes() == b"\0" * 100
     if run.is_local:
-        assert run.download_dir("train", "model") == out  # no copy in a local workspace
+        assert run.fetch("train", "model") == Path(run.uri) / "train" / "model"  # no copy in a local workspace
 
 
 # ----------------------------------------------------------------------------- checkpoints

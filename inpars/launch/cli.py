@@ -1,7 +1,9 @@
 """``inpars-launch``: run a whole pipeline on local processes or Kubernetes Jobs, and look after it.
 
-Thin: it builds the config, creates the run in the workspace, plans the stages and hands them to an
-executor; ``status``, ``resume``, ``logs`` and ``cancel`` read the workspace (the truth) or the cluster.
+Thin: it builds the validated config, creates the run in the workspace and hands it to the driver
+(:mod:`inpars.launch.driver`) with an executor; ``status``, ``verify``, ``resume``, ``logs`` and
+``cancel`` read the workspace (the truth) or the cluster. Exit codes: 0 done, 42 a permanent error
+(bad input or settings: fix it first), 75 a transient failure (``resume`` may succeed later).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import _cli  # one place turns permanent errors into a line + exit code 42
 from ..config import PipelineConfig
-from ..errors import InParsError
-from .plan import plan_pipeline, stage_shards
+from ..errors import EXIT_PERMANENT, EXIT_TRANSIENT, InParsError, cli_errors
+from ..pipeline import stages_for
+from .driver import StageFailed, drive, plan_run
 
 app = typer.Typer(help="Run InPars pipelines locally or on Kubernetes.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -30,7 +32,10 @@ def _parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InParsError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)  # numbers, booleans, null, lists
+        try:
+            out[key.strip()] = yaml.safe_load(value)  # numbers, booleans, null, lists
+        except yaml.YAMLError as e:
+            raise InParsError(f"--set {pair!r}: not a value ({e})") from None
     return out
 
 
@@ -45,62 +50,46 @@ def _k8s_executor(namespace: str, image: str | None, queue: str | None, cfg: Pip
     return K8sExecutor(namespace=namespace, image=image or (cfg.image if cfg else PipelineConfig().image), queue=queue)
 
 
-@app.command()
-@_cli
-def run(
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="pipeline config (YAML/JSON); default: the embedded SciFact sample demo"
-    ),
-    set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set generate.n_docs=200 (repeatable)"),
-    backend: str = typer.Option("local", help="local (subprocesses) | k8s (Kubernetes Jobs)"),
-    workspace: str = typer.Option("workspace", help="local folder or gs://bucket/prefix"),
-    run_id: str | None = typer.Option(None, help="default: <dataset>-<time>-<random>"),
-    parallel: int = typer.Option(2, help="local backend: shards running at once"),
-    dry_run: bool = typer.Option(False, help="k8s: print the Job manifests and submit nothing"),
-    namespace: str = "inpars",
-    image: str | None = None,
-    queue: str | None = typer.Option(None, help="Kueue LocalQueue name"),
-    until: str | None = typer.Option(None, help="stop after this stage (resume continues later)"),
-):
-    """Run every stage of a pipeline, stage after stage, and print the evaluation."""
-    from ..workspace import Run
+class K8sShards:
+    """The driver's executor over Kubernetes Jobs (one Indexed Job per stage, resume Jobs for the rest)."""
 
-    cfg = build_config(config, set_)
-    if backend == "k8s" and not workspace.startswith("gs://"):
-        raise InParsError("--backend k8s needs a workspace the pods can reach: --workspace gs://bucket/prefix")
-    if dry_run:
-        if backend != "k8s":
-            raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
-        from .k8s import render_job
+    def __init__(self, executor):
+        self.executor = executor
 
-        rid = run_id or f"{cfg.data.name}-dry-run"
-        run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
-        docs = [
-            render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue) for job in plan_pipeline(cfg, run_uri)
-        ]
-        typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
-        return
-    run_ = Run.create(workspace, cfg, run_id)
-    console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
-    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
+    def run_shards(self, job, shards, run):
+        from .k8s import JobFailedError
+
+        try:
+            return self.executor.run_stage(job, run.run_id, list(shards), lambda p: console.print(str(p), highlight=False))
+        except JobFailedError as e:
+            raise StageFailed(str(e), permanent=False) from None
 
 
-def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, until: str | None = None) -> None:
-    jobs = plan_pipeline(run_.config, run_.uri, until=until)
-    started = time.monotonic()
+def _executor(backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig):
     if backend == "local":
-        from .local import run_jobs
+        from .local import LocalExecutor
 
-        run_jobs(jobs, max_parallel=parallel, run=run_)
-    elif backend == "k8s":
-        _k8s_executor(namespace, image, queue, run_.config).run_pipeline(jobs, run_)
-    else:
-        raise InParsError(f"unknown backend {backend!r}: local | k8s")
-    print_summary(run_, time.monotonic() - started)
+        return LocalExecutor(max_parallel=parallel)
+    if backend == "k8s":
+        return K8sShards(_k8s_executor(namespace, image, queue, cfg))
+    raise InParsError(f"unknown backend {backend!r}: local | k8s")
 
 
-def print_summary(run_, seconds: float | None = None) -> None:
-    """BM25 against the trained model, and where every artifact is."""
+def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, until: str | None = None):
+    """Drive the run; print the summary; exit 42 (permanent) or 75 (transient) when a stage failed."""
+    started = time.monotonic()
+    executor = _executor(backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=run_.config)
+    try:
+        outcomes = drive(run_, executor, until=until, say=lambda text: console.print(text, highlight=False))
+    except StageFailed as e:
+        console.print(f"[red]{e}[/red]", highlight=False)
+        console.print(f"resume with: inpars-launch resume {run_.uri}" + (f" --backend {backend}" if backend != "local" else ""))
+        raise typer.Exit(EXIT_PERMANENT if e.permanent else EXIT_TRANSIENT) from None
+    print_summary(run_, time.monotonic() - started, ran=[o.stage for o in outcomes])
+
+
+def print_summary(run_, seconds: float | None = None, ran: list[str] | None = None) -> None:
+    """BM25 against the trained model, and where the artifacts of the stages that ran are."""
     out = Console()
     if run_.shard_done("evaluate", 0, 1):
         result = json.loads(run_.read_shard("evaluate", 0, 1, "json"))
@@ -121,42 +110,135 @@ def print_summary(run_, seconds: float | None = None) -> None:
                 f"wins/losses/ties {b.get('wins')}/{b.get('losses')}/{b.get('ties')}",
                 highlight=False,
             )
-    out.print(f"\nartifacts under {run_.uri}:")
-    for stage in stage_shards(run_.config):
-        out.print(f"  {stage:<10} {run_.uri}/{stage}/", highlight=False)
+        if result.get("unranked_queries"):
+            out.print(f"{len(result['unranked_queries'])} judged queries had no first-stage hit and score 0", highlight=False)
+    stages = [s.name for s in stages_for(run_.config)] if ran is None else ran
+    committed = [s for s in stages if not run_.missing_shards(s, _shards(run_, s))]
+    if committed:
+        out.print(f"\nartifacts under {run_.uri}:")
+        for stage in committed:
+            out.print(f"  {stage:<10} {run_.uri}/{stage}/", highlight=False)
     if seconds is not None:
         out.print(f"wall time {seconds:.0f} s")
 
 
+def _shards(run_, stage: str) -> int:
+    from ..pipeline import get_stage
+
+    return get_stage(stage).shards(run_.config)
+
+
 @app.command()
-@_cli
+@cli_errors
+def run(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="pipeline config (YAML/JSON); default: the embedded SciFact sample demo"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set generate.n_docs=200 (repeatable)"),
+    backend: str = typer.Option("local", help="local (subprocesses) | k8s (Kubernetes Jobs)"),
+    workspace: str = typer.Option("workspace", help="local folder or gs://bucket/prefix"),
+    run_id: str | None = typer.Option(None, help="default: <dataset>-<time>-<random>"),
+    parallel: int = typer.Option(2, help="local backend: shards running at once"),
+    dry_run: bool = typer.Option(False, help="k8s: print the Job manifests and submit nothing"),
+    namespace: str = "inpars",
+    image: str | None = None,
+    queue: str | None = typer.Option(None, help="Kueue LocalQueue name"),
+    until: str | None = typer.Option(None, help="stop after this stage (resume continues later)"),
+):
+    """Run every stage of a pipeline, stage after stage, and print the evaluation."""
+    from ..workspace import Run
+
+    cfg = build_config(config, set_)
+    if backend not in ("local", "k8s"):
+        raise InParsError(f"unknown backend {backend!r}: local | k8s")
+    if backend == "k8s" and not workspace.startswith("gs://"):
+        raise InParsError("--backend k8s needs a workspace the pods can reach: --workspace gs://bucket/prefix")
+    if dry_run:
+        if backend != "k8s":
+            raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
+        from .k8s import render_job
+        from .plan import plan_pipeline
+
+        rid = run_id or f"{cfg.data.name}-dry-run"
+        run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
+        docs = [
+            render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue)
+            for job in plan_pipeline(cfg, run_uri, until=until)
+        ]
+        typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
+        return
+    run_ = Run.create(workspace, cfg, run_id)
+    console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
+    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
+
+
+@app.command()
+@cli_errors
 def status(run: str = typer.Argument(..., help="the run's URI: <workspace>/runs/<run-id>")):
-    """Each stage's shards (done, missing) from the workspace alone."""
+    """Each stage's shards (done, missing, partial, invalid) and progress, from the workspace alone."""
     from ..workspace import Run
     from .local import stage_table
 
     run_ = Run.open(run)
-    Console().print(stage_table(run_, plan_pipeline(run_.config, run_.uri)))
+    Console().print(stage_table(run_, plan_run(run_)))
 
 
 @app.command()
-@_cli
+@cli_errors
+def verify(
+    run: str = typer.Argument(..., help="the run's URI"),
+    repair: bool = typer.Option(False, help="set bad shards aside so that `resume` redoes them"),
+):
+    """Check every committed file of the run against its record (size and sha256)."""
+    from ..workspace import Run
+
+    run_ = Run.open(run)
+    bad = 0
+    for job in plan_run(run_):
+        checked = 0
+        for i in range(job.shards):
+            if not run_.shard_done(job.stage, i, job.shards):
+                continue
+            checked += 1
+            problems = run_.verify_shard(job.stage, i, job.shards)
+            for p in problems:
+                typer.echo(f"{job.stage} shard {i}: {p}")
+            if problems:
+                bad += 1
+                if repair:
+                    run_.invalidate(job.stage, i, job.shards, "; ".join(problems))
+        typer.echo(f"{job.stage}: {checked} committed shard(s) checked", err=True)
+    if bad:
+        typer.echo(f"{bad} shard(s) do not match their records" + (": set aside, `resume` redoes them" if repair else ""), err=True)
+        raise typer.Exit(EXIT_PERMANENT)
+    typer.echo("every committed file matches its record", err=True)
+
+
+@app.command()
+@cli_errors
 def resume(
     run: str = typer.Argument(..., help="the run's URI"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="change a runtime setting (budget, concurrency, resources), e.g. --set generate.budget_usd=20"
+    ),
     backend: str = typer.Option("local", help="local | k8s"),
     parallel: int = 2,
     namespace: str = "inpars",
     image: str | None = None,
     queue: str | None = None,
+    until: str | None = typer.Option(None, help="stop after this stage"),
 ):
-    """Continue a run that died: only the shards missing from the workspace run again."""
+    """Continue a run that stopped: only the shards missing from the workspace run again."""
     from ..workspace import Run
 
-    _execute(Run.open(run), backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+    run_ = Run.open(run)
+    if set_:
+        run_.change_settings(_parse_sets(set_))
+    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
 
 
 @app.command()
-@_cli
+@cli_errors
 def logs(
     run: str = typer.Argument(..., help="the run's URI"),
     stage: str = typer.Argument(...),
@@ -177,7 +259,7 @@ def logs(
 
 
 @app.command()
-@_cli
+@cli_errors
 def cancel(run: str = typer.Argument(..., help="the run's URI or run id"), namespace: str = "inpars"):
     """Delete a run's Kubernetes Jobs (their pods go with them)."""
     run_id = run.rstrip("/").rsplit("/", 1)[-1]
@@ -186,7 +268,7 @@ def cancel(run: str = typer.Argument(..., help="the run's URI or run id"), names
 
 
 @app.command()
-@_cli
+@cli_errors
 def beir(
     datasets: str = typer.Option("all", help="'all' or a comma-separated list of BEIR names"),
     corpus_root: str | None = typer.Option(None, help="a mirror of BEIR folders, e.g. gs://bucket/beir (default: ir_datasets)"),
@@ -201,19 +283,25 @@ def beir(
     queue: str | None = None,
 ):
     """Regenerate synthetic data for many BEIR datasets: one pipeline each, a shared limit, one summary."""
-    from ..workspace import Run
+    from ..workspace import Run, stable_run_id
     from .beir import plan_beir, run_many, summary_table
 
+    if backend == "k8s" and not workspace.startswith("gs://"):
+        raise InParsError("--backend k8s needs a workspace the pods can reach: --workspace gs://bucket/prefix")
     base = build_config(config, set_)
     names = "all" if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
     configs = plan_beir(names, base, corpus_root)
 
     def start(cfg: PipelineConfig):
-        run_ = Run.create(workspace, cfg)
-        _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+        run_ = Run.create(workspace, cfg, stable_run_id(cfg))
+        executor = _executor(backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=cfg)
+        drive(run_, executor)
         return run_
 
-    Console().print(summary_table(run_many(configs, start, max_concurrent=max_concurrent)))
+    results = run_many(configs, start, max_concurrent=max_concurrent)
+    Console().print(summary_table(results))
+    if any(r.status != "complete" for r in results):
+        raise typer.Exit(EXIT_TRANSIENT)
 
 
 if __name__ == "__main__":

@@ -733,7 +733,7 @@ class K8sExecutor:
 
     def status(self, run_id: str) -> list[JobProgress]:
         """Every Job of the run, in stage order."""
-        from ..config import STAGES
+        from ..pipeline import STAGE_NAMES as STAGES
 
         order = {s: i for i, s in enumerate(STAGES)}
         progress = [progress_of(o) for o in self.find_jobs(run_id)]

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_PERMANENT, InParsError
 from ..storage import cache_root, is_remote
-from .plan import StageJob
+from .driver import StageFailed
+from .plan import HF_TOKEN_ENV, StageJob
 
 if TYPE_CHECKING:
     from ..workspace import Run
@@ -74,14 +75,6 @@ class StageResult:
         return [s for s in self.shards if s.status == "failed"]
 
 
-class StageFailed(InParsError):
-    """A stage ended with failed shards; ``.result`` holds every shard's outcome."""
-
-    def __init__(self, message: str, result: StageResult):
-        super().__init__(message)
-        self.result = result
-
-
 def default_log_dir(run: Run) -> Path:
     """``<run>/logs`` for a local workspace; a local folder for a gs:// one (logs are not uploaded)."""
     if is_remote(run.uri):
@@ -91,6 +84,16 @@ def default_log_dir(run: Run) -> Path:
 
 def log_path(log_dir: Path, stage: str, shard: int, attempt: int) -> Path:
     return Path(log_dir) / stage / f"shard-{shard}.attempt-{attempt}.log"
+
+
+def next_attempt(log_dir: Path, stage: str, shard: int) -> int:
+    """The first attempt number with no log yet: a resumed run keeps the crashed attempts' logs."""
+    numbers = [
+        int(m.group(1))
+        for p in (Path(log_dir) / stage).glob(f"shard-{shard}.attempt-*.log")
+        if (m := re.search(r"attempt-(\d+)\.log$", p.name))
+    ]
+    return max(numbers, default=-1) + 1
 
 
 def tail(path: Path | None, lines: int = TAIL_LINES) -> str:
@@ -146,6 +149,45 @@ def run_jobs(
     return results
 
 
+class LocalExecutor:
+    """The driver's executor for local processes (see :func:`inpars.launch.driver.drive`)."""
+
+    def __init__(
+        self,
+        *,
+        max_parallel: int = 2,
+        log_dir: str | os.PathLike | None = None,
+        retry_delay: float = 2.0,
+        progress: bool | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
+        if max_parallel < 1:
+            raise InParsError(f"max_parallel must be >= 1, got {max_parallel}")
+        self.max_parallel, self.log_dir, self.retry_delay = max_parallel, log_dir, retry_delay
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.emit = on_event or functools.partial(_print_event, quiet=self.progress)
+        self.extra_env = extra_env or {}
+
+    def run_shards(self, job: StageJob, shards: Sequence[int], run: Run) -> StageResult:
+        wanted = set(shards)
+        log_dir = Path(self.log_dir) if self.log_dir is not None else default_log_dir(run)
+        result = _run_stage(
+            job,
+            self.max_parallel,
+            self.extra_env,
+            self.emit,
+            lambda stage, i: i not in wanted,
+            run,
+            log_dir,
+            self.retry_delay,
+            self.progress,
+        )
+        if result.failed:
+            raise StageFailed(_failure_message(job, result), result)
+        return result
+
+
 def _print_event(event: Event, quiet: bool) -> None:
     """The default ``on_event``: one line per noteworthy event on stderr (shard lines only when no
     progress display shows them)."""
@@ -172,6 +214,7 @@ def _env(job: StageJob, extra_env: dict[str, str], shard: int) -> dict[str, str]
     env.update(job.env)
     env.update(extra_env)
     env["JOB_COMPLETION_INDEX"] = str(shard)
+    env["INPARS_PARENT_PID"] = str(os.getpid())  # workers stop when this launcher dies (inpars.workers)
     return env
 
 
@@ -180,9 +223,10 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
     result = StageResult(job.stage)
     emit(Event("stage_start", job.stage, message=f"{job.shards} shard(s)"))
     for var in job.secret_env:
-        if not os.environ.get(var):
+        if var != HF_TOKEN_ENV and not os.environ.get(var):
             emit(Event("warning", job.stage, message=f"${var} is not set; the {job.stage} workers may fail without it"))
     pending: list[tuple[int, int, float]] = []  # (shard, attempt, not before)
+    first_attempt: dict[int, int] = {}
     outcome: dict[int, ShardResult] = {}
     if skip_done is None and run is not None:
         missing = set(run.missing_shards(job.stage, job.shards))  # one listing, not one request per shard
@@ -192,6 +236,7 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
             outcome[i] = ShardResult(i, "skipped")
             emit(Event("shard_skipped", job.stage, i))
         else:
+            first_attempt[i] = next_attempt(log_dir, job.stage, i)
             pending.append((i, 0, 0.0))
     width = max(1, min(max_parallel, job.parallelism or max_parallel))
     display = _Progress(job, run, len(outcome)) if progress else None
@@ -206,7 +251,7 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
                 if not_before > now:
                     continue
                 pending.remove(item)
-                running.append(_start(job, shard, attempt, extra_env, log_dir))
+                running.append(_start(job, shard, attempt, extra_env, log_dir, first_attempt.get(shard, 0)))
                 emit(Event("shard_start", job.stage, shard, attempt, log=running[-1].log))
             time.sleep(0.05)
             for r in list(running):
@@ -248,8 +293,8 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
     return result
 
 
-def _start(job: StageJob, shard: int, attempt: int, extra_env: dict[str, str], log_dir: Path) -> _Running:
-    path = log_path(log_dir, job.stage, shard, attempt)
+def _start(job: StageJob, shard: int, attempt: int, extra_env: dict[str, str], log_dir: Path, offset: int = 0) -> _Running:
+    path = log_path(log_dir, job.stage, shard, offset + attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as log:
         # Its own session, so a stop reaches the worker's children too (dataloaders, servers).
@@ -372,22 +417,49 @@ def _ids(ids: list[int], limit: int = 12) -> str:
 
 
 def stage_table(run: Run, jobs: Sequence[StageJob]):
-    """A rich Table for ``inpars-launch status RUN`` (see :func:`stage_rows`)."""
+    """A rich Table for ``inpars-launch status RUN`` (see :func:`stage_rows`), with each unfinished
+    stage's progress as its workers last noted it (rows or steps done of total, rate, ETA)."""
     from rich.table import Table
 
-    table = Table(title=f"run {run.run_id}", caption="partial = started (checkpoints) but not committed: running or failed")
-    for col, justify in (("stage", "left"), ("done", "right"), ("missing", "left"), ("partial", "left"), ("rows", "right")):
+    table = Table(
+        title=f"run {run.run_id}",
+        caption="partial = started (checkpoints) but not committed: running or failed; invalid = files missing, redone on resume",
+    )
+    for col, justify in (
+        ("stage", "left"),
+        ("done", "right"),
+        ("missing", "left"),
+        ("partial", "left"),
+        ("invalid", "left"),
+        ("rows", "right"),
+        ("progress", "left"),
+    ):
         table.add_column(col, justify=justify)
-    for r in stage_rows(run, jobs):
+    for job, r in zip(jobs, stage_rows(run, jobs)):
+        status = run.stage_status(job.stage, job.shards)
         state = "green" if not r["missing"] else ("yellow" if r["done"] else "")
+        progress = run.stage_progress(job.stage, r["missing"], job.shards) if r["missing"] else None
         table.add_row(
             f"[{state}]{r['stage']}[/]" if state else r["stage"],
             f"{r['done']}/{r['shards']}",
             _ids(r["missing"]),
             _ids(r["partial"]),
+            _ids(status["invalid"]),
             str(r["rows"]),
+            format_progress(progress),
         )
     return table
+
+
+def format_progress(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "-"
+    text = f"{p['done']}/{p['total']} {p['unit']}" if p["total"] else f"{p['done']} {p['unit']}"
+    if p.get("rate"):
+        text += f", {p['rate']:.1f}/s"
+    if p.get("eta") is not None:
+        text += f", ETA {int(p['eta']) // 60}m{int(p['eta']) % 60:02d}s"
+    return text
 
 
 def read_logs(run: Run, stage: str, index: int | None = None, log_dir: str | os.PathLike | None = None) -> str:

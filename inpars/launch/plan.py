@@ -1,4 +1,4 @@
-"""The pipeline plan: which stages run, in which order, with how many shards, and how each is invoked.
+"""From the pipeline table to executable jobs: each stage's command, env, shards and pod resources.
 
 A :class:`StageJob` is the container contract. The local executor runs ``command`` once per shard
 with ``env`` plus ``JOB_COMPLETION_INDEX``; the Kubernetes executor renders the very same command and
@@ -10,19 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import PipelineConfig, ResourcesConfig
+from ..pipeline import Stage, resources_for, stages_for
 
-# Per-stage defaults (a user's `resources.<stage>` in the config overrides them).
-DEFAULT_RESOURCES = {
-    "generate": ResourcesConfig(cpu="4", memory="16Gi"),
-    "filter": ResourcesConfig(cpu="2", memory="8Gi"),
-    "negatives": ResourcesConfig(cpu="2", memory="8Gi"),
-    "train": ResourcesConfig(cpu="4", memory="16Gi"),
-    "rerank": ResourcesConfig(cpu="4", memory="16Gi"),
-    "evaluate": ResourcesConfig(cpu="1", memory="4Gi"),
-    "publish": ResourcesConfig(cpu="1", memory="2Gi"),
-}
-
-SECRET_NAME = "inpars-api-keys"  # the k8s Secret holding API keys (k8s/secret.template.yaml)
+SECRET_NAME = "inpars-api-keys"  # the k8s Secret holding API keys and tokens (k8s/secret.template.yaml)
+HF_TOKEN_ENV = "HF_TOKEN"  # the Hugging Face token for gated hub models, by reference like API keys
 
 
 @dataclass
@@ -37,57 +28,58 @@ class StageJob:
     max_retries: int = 3  # per shard (backoffLimitPerIndex)
 
 
-def stage_shards(config: PipelineConfig) -> dict[str, int]:
-    """How many shards each stage of this config runs (global stages run one)."""
-    shards = {
-        "generate": config.generate.shards,
-        "filter": 1,
-        "negatives": config.negatives.shards,
-        "train": 1,
-        "rerank": config.rerank.shards,
-        "evaluate": 1,
-    }
-    if config.publish.destination:
-        shards["publish"] = 1
-    return shards
+def secret_key(var: str) -> str:
+    """The key of variable ``var`` in the Secret: lower case, ``_`` -> ``-`` (OPENAI_API_KEY -> openai-api-key)."""
+    return var.lower().replace("_", "-")
+
+
+def plan_stage(config: PipelineConfig, stage: Stage, run_uri: str, *, max_retries: int = 3) -> StageJob:
+    """One stage of ``config`` as a :class:`StageJob`."""
+    shards = stage.shards(config)
+    resources = resources_for(config, stage.name)
+    secret_env = {}
+    if stage.name == "generate" and config.generate.backend == "openai":
+        var = config.generate.api_key_env
+        secret_env[var] = (SECRET_NAME, secret_key(var))
+    hub = uses_hub(config, stage.name)
+    if hub:  # gated hub models need a token; it travels by reference and is optional in the Secret
+        secret_env[HF_TOKEN_ENV] = (SECRET_NAME, secret_key(HF_TOKEN_ENV))
+    env = {"PYTHONUNBUFFERED": "1"}
+    if not hub:
+        env["HF_HUB_OFFLINE"] = "1"
+    return StageJob(
+        stage=stage.name,
+        shards=shards,
+        command=["inpars", "worker", stage.name, "--run", run_uri],
+        env=env,
+        secret_env=secret_env,
+        resources=resources,
+        parallelism=resources.parallelism or shards,
+        max_retries=max_retries,
+    )
 
 
 def plan_pipeline(config: PipelineConfig, run_uri: str, *, max_retries: int = 3, until: str | None = None) -> list[StageJob]:
     """The stages of ``config`` in dependency order (up to and including ``until``), as :class:`StageJob`s."""
-    shards_by_stage = stage_shards(config)
-    if until is not None and until not in shards_by_stage:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown stage {until!r}; this run's stages: {list(shards_by_stage)}")
-    jobs = []
-    for stage, shards in shards_by_stage.items():
-        resources = config.resources.get(stage) or DEFAULT_RESOURCES[stage]
-        secret_env = {}
-        if stage == "generate" and config.generate.backend == "openai":
-            var = config.generate.api_key_env
-            secret_env[var] = (SECRET_NAME, var.lower().replace("_", "-"))
-        jobs.append(
-            StageJob(
-                stage=stage,
-                shards=shards,
-                command=["inpars", "worker", stage, "--run", run_uri],
-                env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"} if not _uses_hub(config, stage) else {"PYTHONUNBUFFERED": "1"},
-                secret_env=secret_env,
-                resources=resources,
-                parallelism=resources.parallelism or shards,
-                max_retries=max_retries,
-            )
-        )
-        if stage == until:
-            break
-    return jobs
+    return [plan_stage(config, stage, run_uri, max_retries=max_retries) for stage in stages_for(config, until)]
 
 
-def _uses_hub(config: PipelineConfig, stage: str) -> bool:
-    # Packaged aliases and local paths need no hub; an HF id chosen by the user may.
+def stage_models(config: PipelineConfig, stage: str) -> list[str]:
+    """Every model a stage loads (generator, trained starting point, the filter's reranker, tokenizers)."""
+    models = {
+        "generate": [config.generate.model, config.generate.tokenizer],
+        "filter": [config.filter.reranker_model if config.filter.strategy == "reranker" else None],
+        "train": [config.train.model],
+    }.get(stage, [])
+    return [m for m in models if m]
+
+
+def uses_hub(config: PipelineConfig, stage: str) -> bool:
+    """Whether a stage's pod may need the Hugging Face hub: one of its models is neither a packaged
+    offline alias nor a path (an API backend's model is a server-side name, not a hub id)."""
     from ..models import PACKAGED
 
-    model = {"generate": config.generate.model, "train": config.train.model}.get(stage)
-    if model is None or model in PACKAGED or model.startswith(("/", ".", "gs://")):
-        return False
-    return True
+    models = stage_models(config, stage)
+    if stage == "generate" and config.generate.backend == "openai":
+        models = [config.generate.tokenizer] if config.generate.tokenizer else []
+    return any(m not in PACKAGED and not m.startswith(("/", ".", "gs://", "~")) for m in models)

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import Storage, cache_root, join_key, sha256_hex
+from .base import Storage, cache_root, check_key, join_key, sha256_hex
 from .local import LocalStorage
 
-__all__ = ["Storage", "LocalStorage", "open_storage", "fetch_local", "is_remote", "join_key", "sha256_hex", "cache_root"]
+__all__ = ["Storage", "LocalStorage", "open_storage", "fetch_local", "is_remote", "join_key", "check_key", "sha256_hex", "cache_root"]
 
 
 def is_remote(uri: str | os.PathLike) -> bool:

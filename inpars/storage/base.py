@@ -13,7 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 
 class Storage(ABC):
@@ -61,6 +61,27 @@ class Storage(ABC):
     def local_path(self, key: str) -> Path:
         """A local file holding ``key``'s content (the file itself locally; a cached copy if remote)."""
 
+    # ------------------------------------------------------------------ optional, with generic defaults
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """``{key: size in bytes}`` for the keys under ``prefix`` (one listing where the backend allows)."""
+        return {key: len(self.read_bytes(key)) for key in self.list(prefix)}
+
+    def swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
+        """Compare-and-swap: replace ``key`` by ``data`` (``None``: delete it) only if it now holds
+        exactly ``expected`` (``None``: only if absent). True when swapped. Leases are built on this."""
+        raise NotImplementedError(f"{type(self).__name__} has no compare-and-swap")
+
+    def upload_file(self, key: str, path: str | os.PathLike) -> bool:
+        """Create ``key`` from a local file, only if absent (like :meth:`create_if_absent`)."""
+        return self.create_if_absent(key, Path(path).read_bytes())
+
+    def download_file(self, key: str, path: str | os.PathLike) -> str:
+        """Copy ``key`` into the local file ``path`` (atomically); returns the sha256 of what was written."""
+        data = self.read_bytes(key)
+        _atomic_write(Path(path), data)
+        return sha256_hex(data)
+
     # ------------------------------------------------------------------ generic helpers
 
     def upload_dir(self, local_dir: str | os.PathLike, key_prefix: str) -> list[str]:
@@ -76,16 +97,20 @@ class Storage(ABC):
         return keys
 
     def download_dir(self, key_prefix: str, local_dir: str | os.PathLike) -> Path:
-        """Copy every object below ``key_prefix/`` into ``local_dir`` (same relative layout)."""
+        """Copy every object below ``key_prefix/`` into ``local_dir`` (same relative layout).
+
+        Every object name is checked before anything is written: a hostile name (``..``, an empty
+        segment, an absolute path) would otherwise write outside ``local_dir``.
+        """
         local_dir = Path(local_dir)
         prefix = key_prefix.rstrip("/") + "/" if key_prefix else ""
         keys = self.list(prefix)
         if not keys:
             raise FileNotFoundError(f"nothing stored under {self.uri(prefix)}")
         for key in keys:
-            target = local_dir / key[len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, self.read_bytes(key))
+            check_key(key[len(prefix) :], where=self.uri(key))
+        for key in keys:
+            self.download_file(key, local_dir / key[len(prefix) :])
         return local_dir
 
     def __repr__(self) -> str:
@@ -97,10 +122,22 @@ def join_key(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-def check_key(key: str) -> str:
-    """Refuse keys that would escape the root (``..``) or are absolute."""
-    if not key or key.startswith("/") or any(part in ("..", ".") for part in key.split("/")):
-        raise ConfigError(f"invalid storage key {key!r}")
+def check_key(key: str, *, where: str | None = None) -> str:
+    """Refuse keys that could escape the root or alias another key: empty, absolute, a backslash, a
+    control character, an empty segment (``a//b``), ``.`` or ``..``. ``where`` names the object in
+    the error (for names read back from a bucket)."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if (
+        not parts
+        or not key
+        or "\\" in key
+        or any(ord(c) < 32 or ord(c) == 127 for c in key)
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        why = "keys are '/'-separated names with no empty, '.' or '..' segment, backslash or control character"
+        if where:  # a name read back from a bucket: bad input, not a bad setting
+            raise InputError(f"refusing object {where}: invalid key {key!r} ({why})")
+        raise ConfigError(f"invalid storage key {key!r} ({why})")
     return key
 
 
@@ -126,6 +163,21 @@ def cache_root() -> Path:
     return home / ".cache" / "inpars"
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a new name in ``folder`` (a link or a rename) durable: POSIX keeps it in the directory,
+    which needs its own fsync. Best effort where the platform cannot open folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """Write and fsync ``path``, making its folder (again, if a concurrent delete pruned it)."""
     for attempt in range(3):
@@ -147,6 +199,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         _write_new(tmp, data)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

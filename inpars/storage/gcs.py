@@ -115,6 +115,79 @@ class GCSStorage(Storage):
         with _errors(self.uri(key)):
             return self._blob(key).exists(retry=self.retry)
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        base = self.prefix + "/" if self.prefix else ""
+        with _errors(self.uri(prefix)):
+            blobs = self.client.list_blobs(self.bucket_name, prefix=base + prefix, retry=self.retry)
+            return {b.name[len(base) :]: int(b.size or 0) for b in blobs}
+
+    def swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
+        """Compare-and-swap on the object's generation: GCS itself refuses a write (412) or delete
+        whose ``if_generation_match`` no longer holds, so two swappers never both win."""
+        from google.api_core import exceptions
+
+        with _errors(self.uri(key)):
+            blob = self.bucket.get_blob(self._name(key), retry=self.retry)
+            generation = 0 if blob is None else blob.generation
+            if blob is None:
+                if expected is not None:
+                    return False
+            else:
+                try:
+                    current = blob.download_as_bytes(if_generation_match=generation, retry=self.retry)
+                except (exceptions.PreconditionFailed, exceptions.NotFound):
+                    return False
+                if current != expected:
+                    return False
+            try:
+                if data is None:
+                    if blob is not None:
+                        self._blob(key).delete(if_generation_match=generation, retry=self.retry)
+                else:
+                    self._blob(key).upload_from_string(
+                        data, content_type=_content_type(key), if_generation_match=generation, retry=self.retry
+                    )
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                return False
+            return True
+
+    def upload_file(self, key: str, path: str | os.PathLike) -> bool:
+        """Create ``key`` from a local file, streamed, only if absent (``if_generation_match=0``; real
+        GCS checks it for resumable uploads of large files too)."""
+        from google.api_core import exceptions
+
+        with _errors(self.uri(key)):
+            try:
+                self._blob(key).upload_from_filename(str(path), content_type=_content_type(key), if_generation_match=0, retry=self.retry)
+            except exceptions.PreconditionFailed:
+                return False
+            return True
+
+    def download_file(self, key: str, path: str | os.PathLike) -> str:
+        """Stream ``key`` into ``path`` (temp file + rename, never whole in memory); its sha256."""
+        import hashlib
+
+        from google.api_core import exceptions
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
+        try:
+            with _errors(self.uri(key)):
+                try:
+                    with open(tmp, "wb") as f:
+                        self._blob(key).download_to_file(f, retry=self.retry)
+                except exceptions.NotFound:
+                    raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+            digest = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest.hexdigest()
+
     def list(self, prefix: str = "") -> list[str]:
         base = self.prefix + "/" if self.prefix else ""
         with _errors(self.uri(prefix)):
@@ -144,14 +217,22 @@ class GCSStorage(Storage):
                 raise FileNotFoundError(f"{self.uri(key)} does not exist")
             if target.exists() and stamp.exists() and stamp.read_text() == str(blob.generation):
                 return target
+            # Streamed to disk (a corpus can be gigabytes), pinned to the generation just read.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
             try:
-                data = blob.download_as_bytes(if_generation_match=blob.generation, retry=self.retry)
-            except exceptions.PreconditionFailed:  # replaced meanwhile: take the new one
-                blob = self.bucket.get_blob(name, retry=self.retry)
-                if blob is None:
-                    raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
-                data = blob.download_as_bytes(if_generation_match=blob.generation, retry=self.retry)
-        _atomic_write(target, data)
+                for _ in range(3):
+                    try:
+                        with open(tmp, "wb") as f:
+                            blob.download_to_file(f, if_generation_match=blob.generation, retry=self.retry)
+                        break
+                    except exceptions.PreconditionFailed:  # replaced meanwhile: take the new one
+                        blob = self.bucket.get_blob(name, retry=self.retry)
+                        if blob is None:
+                            raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         _atomic_write(stamp, str(blob.generation).encode())
         return target
 

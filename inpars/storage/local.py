@@ -3,15 +3,25 @@
 ``create_if_absent`` writes a temp file in the target's folder and ``os.link``s it to the target:
 ``link`` fails with ``FileExistsError`` when the target exists, so of two racing writers exactly one
 wins, and the target never holds a partial file (the content is complete before it gets its name).
+On a filesystem without hard links, ``renameat2(RENAME_NOREPLACE)`` gives the same guarantee; the
+new name is made durable with an fsync of the folder.
+
+``swap`` (compare-and-swap, for leases) holds an ``flock`` on a sidecar lock file while it compares
+and replaces: a local workspace is one machine's folder, where advisory locks hold.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import fcntl
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
-from .base import Storage, _atomic_write, _write_new, check_key
+from .base import Storage, _atomic_write, _write_new, check_key, fsync_dir
 
 TMP_PREFIX = ".tmp-"  # temp files being written; never listed
 
@@ -45,19 +55,68 @@ class LocalStorage(Storage):
         tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
         try:
             _write_new(tmp, data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-                    raise
-                # A filesystem without hard links (some FUSE/SMB mounts): fall back to an
-                # exclusive create. Still exactly-once, but a reader may briefly see a partial file.
-                return _exclusive_create(path, data)
-            return True
+            return _publish_new(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def upload_file(self, key: str, path: str | os.PathLike) -> bool:
+        target = self._path(key)
+        if target.exists():
+            return False
+        tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                os.link(path, tmp)  # same filesystem: no copy (the source is never modified afterwards)
+            except OSError:
+                shutil.copyfile(path, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            return _publish_new(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def download_file(self, key: str, path: str | os.PathLike) -> str:
+        source, target = self._path(key), Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    dst.write(block)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest.hexdigest()
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        out = {}
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                out[key] = (self.root / key).stat().st_size
+        return out
+
+    def swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f"{TMP_PREFIX}lock-{path.name}")  # never listed (TMP_PREFIX)
+        with open(lock, "a+b") as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes() if path.is_file() else None
+                if current != expected:
+                    return False
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    _atomic_write(path, data)
+                return True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -90,6 +149,7 @@ class LocalStorage(Storage):
                 break
 
     def uri(self, key: str = "") -> str:
+        key = key.rstrip("/")  # a prefix names a folder
         return str(self._path(key)) if key else str(self.root)
 
     def local_path(self, key: str) -> Path:
@@ -108,13 +168,34 @@ class LocalStorage(Storage):
         return super().download_dir(key_prefix, local_dir)
 
 
-def _exclusive_create(path: Path, data: bytes) -> bool:
+def _publish_new(tmp: Path, path: Path) -> bool:
+    """Give the complete file ``tmp`` the name ``path`` unless that name exists; True when it did."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.EOPNOTSUPP):
+            raise
+        # No hard links here (some FUSE/SMB mounts): an atomic rename that refuses to replace.
+        if not _rename_noreplace(tmp, path):
+            return False
+    fsync_dir(path.parent)
     return True
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """``renameat2(src, dst, RENAME_NOREPLACE)``: False when ``dst`` exists. Linux only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "no hard links and no renameat2 on this platform: cannot create files exactly once here")
+    if libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    raise OSError(err, f"renameat2 {src} -> {dst}: {os.strerror(err)}")

@@ -1,0 +1,101 @@
+"""The driver: the loop that runs a run's stages in order, the same code on a laptop and in a pod.
+
+For each stage of the pipeline table it asks the workspace (the truth) what is done; shards whose
+records list files that are missing or of the wrong size are set aside and redone; it hands the
+missing shards to an executor (local processes or Kubernetes Jobs) and, when the executor returns,
+checks in the workspace that every shard is committed before the next stage starts. A driver that
+dies and restarts rebuilds its whole view from the workspace, so it can be killed at any point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..errors import EXIT_PERMANENT, InParsError
+from ..pipeline import stages_for
+from .plan import StageJob, plan_stage
+
+if TYPE_CHECKING:
+    from ..workspace import Run
+
+
+class StageFailed(InParsError):
+    """A stage ended with shards that did not commit. ``permanent`` when every failed shard hit a
+    permanent error (bad input or config: resuming will not help until it is fixed)."""
+
+    def __init__(self, message: str, result=None, *, permanent: bool | None = None):
+        super().__init__(message)
+        self.result = result
+        if permanent is None:
+            failed = getattr(result, "failed", None) or []
+            permanent = bool(failed) and all(s.returncode == EXIT_PERMANENT for s in failed)
+        self.permanent = permanent
+
+
+class Executor(Protocol):
+    """Runs some shards of one stage; returns when they are finished (raises :class:`StageFailed`)."""
+
+    def run_shards(self, job: StageJob, shards: Sequence[int], run: Run) -> object: ...
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # skipped | done
+    shards: int
+    ran: list[int] = field(default_factory=list)
+    redone: list[int] = field(default_factory=list)  # shards set aside as invalid and redone
+    seconds: float = 0.0
+
+
+def plan_run(run: Run, *, until: str | None = None, max_retries: int = 3) -> list[StageJob]:
+    """The run's stages as jobs, planned now (from the run's current settings)."""
+    return [plan_stage(run.config, stage, run.uri, max_retries=max_retries) for stage in stages_for(run.config, until)]
+
+
+def drive(
+    run: Run,
+    executor: Executor,
+    *,
+    until: str | None = None,
+    max_retries: int = 3,
+    say: Callable[[str], None] = lambda text: None,
+) -> list[StageOutcome]:
+    """Run every stage of ``run`` that is not committed yet, in order, through ``executor``."""
+    outcomes = []
+    for stage in stages_for(run.config, until):
+        job = plan_stage(run.config, stage, run.uri, max_retries=max_retries)
+        started = time.monotonic()
+        status = run.stage_status(stage.name, job.shards)
+        for i in status["invalid"]:
+            run.invalidate(stage.name, i, job.shards, "a file it lists is missing or has the wrong size")
+        missing = status["missing"]
+        outcome = StageOutcome(stage.name, "skipped", job.shards, redone=list(status["invalid"]))
+        if not missing:
+            say(f"{stage.name}: all {job.shards} shard(s) committed, skipped")
+            outcomes.append(outcome)
+            continue
+        for upstream in stage.inputs:
+            run.require_complete(upstream, stages_shards(run, upstream), needed_by=stage.name)
+        if len(missing) < job.shards:
+            say(f"{stage.name}: {len(missing)} of {job.shards} shard(s) to run")
+        executor.run_shards(job, missing, run)
+        still = run.stage_status(stage.name, job.shards)["missing"]
+        if still:
+            raise StageFailed(
+                f"stage {stage.name}: the executor finished but shards {', '.join(map(str, still[:20]))} are not committed "
+                "in the workspace; resume the run",
+                permanent=False,
+            )
+        outcome.status, outcome.ran, outcome.seconds = "done", list(missing), time.monotonic() - started
+        outcomes.append(outcome)
+    return outcomes
+
+
+def stages_shards(run: Run, stage: str) -> int:
+    from ..pipeline import get_stage
+
+    return get_stage(stage).shards(run.config)

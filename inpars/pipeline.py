@@ -1,0 +1,136 @@
+"""The pipeline table: every stage, in order, with what it reads, how it is sharded and what its pod asks for.
+
+This is the one place that knows the stage order. The workers (:mod:`inpars.workers`), both
+executors, the driver, ``status``, ``resume``, ``verify`` and the report all read it, so adding a
+stage is one entry here plus its worker function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import PipelineConfig, ResourcesConfig
+from .errors import ConfigError
+
+
+def _always(config: PipelineConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    worker: str  # "module:function" of the worker, imported only when the stage runs
+    inputs: tuple[str, ...]  # stages whose every shard must be committed before this one starts
+    shards: Callable[[PipelineConfig], int]  # how many shards (global stages: one)
+    sharded_by: str | None  # "document" | "query" | None
+    resources: ResourcesConfig  # the pod's defaults (a user's resources.<stage> overrides them)
+    writes: str  # what it commits, for people (status, docs)
+    enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+
+
+def _one(config: PipelineConfig) -> int:
+    return 1
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "generate",
+        "inpars.workers:generate_worker",
+        (),
+        lambda c: c.generate.shards,
+        "document",
+        ResourcesConfig(cpu="4", memory="16Gi"),
+        "generated query rows (JSONL)",
+    ),
+    Stage(
+        "filter",
+        "inpars.workers:filter_worker",
+        ("generate",),
+        _one,
+        None,
+        ResourcesConfig(cpu="2", memory="8Gi"),
+        "kept rows best-first, dropped rows with a reason, summary, few-shot query ids",
+    ),
+    Stage(
+        "negatives",
+        "inpars.workers:negatives_worker",
+        ("filter",),
+        lambda c: c.negatives.shards,
+        "query",
+        ResourcesConfig(cpu="2", memory="8Gi"),
+        "triples (JSONL of ids, TSV of texts)",
+    ),
+    Stage(
+        "train",
+        "inpars.workers:train_worker",
+        ("negatives",),
+        _one,
+        None,
+        ResourcesConfig(cpu="4", memory="16Gi"),
+        "the trained model folder, held-out queries, fusion weight, training stats",
+    ),
+    Stage(
+        "rerank",
+        "inpars.workers:rerank_worker",
+        ("train", "filter"),
+        lambda c: c.rerank.shards,
+        "query",
+        ResourcesConfig(cpu="4", memory="16Gi"),
+        "first-stage, reranked and fused TREC runs",
+    ),
+    Stage(
+        "evaluate",
+        "inpars.workers:evaluate_worker",
+        ("rerank", "filter"),
+        _one,
+        None,
+        ResourcesConfig(cpu="1", memory="4Gi"),
+        "measures per system and query, paired bootstrap, table",
+    ),
+    Stage(
+        "publish",
+        "inpars.workers:publish_worker",
+        ("filter",),
+        _one,
+        None,
+        ResourcesConfig(cpu="1", memory="2Gi"),
+        "the published dataset files at publish.destination",
+        enabled=lambda c: bool(c.publish.destination),
+    ),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    return BY_NAME[name]
+
+
+def stages_for(config: PipelineConfig, until: str | None = None) -> list[Stage]:
+    """The stages this config runs, in order (up to and including ``until``)."""
+    if until is not None:
+        get_stage(until)
+    out = []
+    for stage in STAGES:
+        if stage.enabled(config):
+            out.append(stage)
+        if stage.name == until:
+            if not stage.enabled(config):
+                raise ConfigError(f"stage {until!r} is not part of this run")
+            break
+    return out
+
+
+def stage_shards(config: PipelineConfig) -> dict[str, int]:
+    """How many shards each stage of this config runs (global stages run one)."""
+    return {s.name: s.shards(config) for s in stages_for(config)}
+
+
+def resources_for(config: PipelineConfig, stage: str) -> ResourcesConfig:
+    """The pod resources of ``stage``: the user's ``resources.<stage>``, else the stage's defaults."""
+    return config.resources.get(stage) or get_stage(stage).resources

@@ -1,0 +1,461 @@
+"""The stage workers: find the shard, read its inputs through the workspace, call library functions, commit.
+
+``inpars worker <stage> --run RUN_URI`` calls :func:`run_stage`; the local executor and the
+Kubernetes pods run exactly that. Workers only move data: every method step (sampling, filtering,
+mining, training, fusion, evaluation) is a library function that the file CLI and the benchmarks
+call too. A worker reads its inputs from the workspace only (so a later stage can run on another
+machine), refuses to start while an input shard is missing, holds the shard's lease while it works
+(:mod:`inpars.leases`) and commits through :meth:`inpars.workspace.Run.commit_shard`, so a rerun, a
+retry or a racing twin changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import resource
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import corpus as corpus_io
+from .config import PipelineConfig
+from .datasets import fetch, resolve_dataset
+from .errors import ConfigError, InputError
+from .pipeline import get_stage, stage_shards
+from .shards import shard_index_from_env, shard_name, take_shard
+from .workspace import Checkpoint, Run, dumps_rows, scratch_root
+
+log = logging.getLogger("inpars.workers")
+
+FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
+FEWSHOT_IDS = "fewshot_query_ids.json"  # the filter's record of the query ids shown as few-shot examples
+PROGRESS_EVERY = 5.0  # seconds between progress notes in the attempt record
+
+
+@dataclass
+class Shard:
+    """One shard's work: where it commits, its lease, and what its attempt record will say."""
+
+    run: Run
+    stage: str
+    index: int
+    count: int
+    lease: Any = None
+    attempt: dict[str, Any] = field(default_factory=dict)  # uncommitted: timings, host, API retries
+    _last_progress: float = 0.0
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.run.config
+
+    def shards_of(self, stage: str) -> int:
+        return get_stage(stage).shards(self.config)
+
+    def commit(self, data: bytes | None = None, **kwargs: Any) -> bool:
+        """Commit the shard; True when this worker committed it, False when another one had already."""
+        before = self.run.shard_done(self.stage, self.index, self.count)
+        self.run.commit_shard(self.stage, self.index, self.count, data, lease=self.lease, **kwargs)
+        self.attempt["outcome"] = "already committed" if before else "committed"
+        return not before
+
+    def checkpoint(self) -> Checkpoint:
+        return self.run.checkpoint(self.stage, self.index, self.count)
+
+    def progress(self, done: int, total: int | None = None, unit: str = "rows") -> None:
+        """Note progress in the attempt record (at most every few seconds): what launchers show."""
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_EVERY and done != total:
+            return
+        self._last_progress = now
+        self.attempt["progress"] = {"done": done, "total": total, "unit": unit, "at": time.time()}
+        try:
+            self.run.record_attempt(self.stage, self.index, self.count, self.attempt)
+        except Exception as e:  # progress must never break the work
+            log.debug("progress note failed: %s", e)
+
+
+def evaluation_queries(config: PipelineConfig, exclude: set[str]) -> dict[str, str]:
+    """The judged evaluation queries, in id order, minus excluded (few-shot) ids."""
+    ds = resolve_dataset(config)
+    if ds.queries is None or ds.qrels is None:
+        raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
+    queries = corpus_io.read_queries(ds.queries)
+    qrels = corpus_io.read_qrels(ds.qrels)
+    corpus_io.check_ids(qrels, queries, what="qrels query", source=str(ds.queries))
+    return {q: queries[q] for q in sorted(qrels, key=_natural) if q not in exclude}
+
+
+def _natural(key: str):
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def fewshot_query_ids(rows) -> set[str]:
+    """Ids of the queries shown as few-shot examples: never evaluated (no leakage)."""
+    return {str(ex["query_id"]) for r in rows for ex in r.get("fewshot_examples") or [] if ex.get("query_id") is not None}
+
+
+def _bm25(config: PipelineConfig, docs):
+    from .bm25 import build_index
+
+    return build_index(docs, config.negatives.retriever)
+
+
+def _read_fewshot_ids(run: Run) -> set[str]:
+    if not run.config.evaluate.exclude_fewshot:
+        return set()
+    return set(json.loads(run.read_file("filter", FEWSHOT_IDS)))
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def generate_worker(shard: Shard) -> None:
+    from .backends import get_backend
+    from .generate import generate_queries, sample_documents
+    from .prompts import load_prompt
+    from .usage import BudgetExceeded
+    from .workspace import checkpointed_map
+
+    run, index, count = shard.run, shard.index, shard.count
+    cfg = run.config.generate
+    ds = resolve_dataset(run.config)
+    docs = corpus_io.read_corpus(ds.corpus)
+    mine = take_shard(sample_documents(docs, cfg.n_docs, cfg.seed), index, count)
+    prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(ds.fewshot) if ds.fewshot else None)
+    backend = get_backend(cfg.backend, cfg)
+    journal = None
+    if hasattr(backend, "use_journal"):
+        # Paid API answers are journaled as they arrive, so a crash mid-chunk re-requests nothing.
+        folder = Path(run.uri) / "generate" / "_journal" if run.is_local else scratch_root() / "journal" / run.run_id
+        journal = folder / shard_name(index, count, "jsonl")
+        backend.use_journal(journal)
+    checkpoint = shard.checkpoint()
+    try:
+
+        def generate_chunk(chunk):
+            return generate_queries(
+                chunk,
+                backend,
+                prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                max_doc_tokens=cfg.max_doc_tokens,
+                max_example_tokens=cfg.max_example_tokens,
+                batch_size=cfg.batch_size,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=cfg.seed,
+            )
+
+        def progress(done: int, total: int) -> None:
+            shard.progress(done, total, "documents")
+
+        try:
+            rows = checkpointed_map(mine, generate_chunk, checkpoint, cfg.checkpoint_every, on_progress=progress)
+        except BudgetExceeded:
+            # A clean stop: every finished chunk is checkpointed; only the unfinished chunk's
+            # requests (at most generate.checkpoint_every documents) are made again on resume.
+            done = sum(len(c) for c in checkpoint.load())
+            raise BudgetExceeded(
+                f"generate shard {index}/{count}: the budget of ${cfg.budget_usd} was reached after {done} of {len(mine)} "
+                f"documents (checkpointed); raise generate.budget_usd and run `inpars-launch resume`"
+            ) from None
+    finally:
+        backend.close()
+    usage = {
+        "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in rows),
+        "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in rows),
+    }
+    backend_usage = getattr(backend, "usage_summary", None)
+    if callable(backend_usage):
+        shard.attempt["api"] = backend_usage()  # retries and timings differ between attempts: not committed
+    shard.commit(dumps_rows(rows), ext="jsonl", stats={"rows": len(rows), "usage": usage})
+    checkpoint.clear()
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+
+
+def _prompt_name(config: PipelineConfig) -> str:
+    # `promptagator` alone means the dataset's own template (promptagator-<dataset>).
+    name = config.generate.prompt
+    return f"promptagator-{config.data.name}" if name == "promptagator" else name
+
+
+def filter_worker(shard: Shard) -> None:
+    from .filter import drop_counts, filter_queries
+
+    run = shard.run
+    cfg = run.config.filter
+    rows = run.read_rows("generate", shard.shards_of("generate"))
+    scorer = index_ = docs = None
+    if cfg.strategy == "reranker":
+        from .rerank import load_reranker
+
+        scorer = load_reranker(cfg.reranker_model)
+    elif cfg.strategy == "consistency":
+        docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
+        index_ = _bm25(run.config, docs)
+    kept, dropped = filter_queries(rows, cfg, scorer=scorer, index=index_, docs=docs)
+    summary = {
+        "strategy": cfg.strategy,
+        "aggregate": cfg.aggregate,
+        "n_in": len(rows),
+        "n_kept": len(kept),
+        "dropped_by_reason": drop_counts(dropped),
+        "threshold": min((r["score"] for r in kept), default=None),
+    }
+    fewshot = sorted(fewshot_query_ids(rows), key=_natural)
+    files = {
+        "dropped.jsonl": dumps_rows(dropped),
+        "summary.json": json.dumps(summary, indent=2).encode(),
+        FEWSHOT_IDS: json.dumps(fewshot).encode(),
+    }
+    shard.commit(dumps_rows(kept), ext="jsonl", files=files, stats=summary)
+
+
+def negatives_worker(shard: Shard) -> None:
+    from .negatives import mine_negatives, write_triples_tsv
+
+    run, index, count = shard.run, shard.index, shard.count
+    cfg = run.config.negatives
+    kept = run.read_rows("filter", 1)
+    mine = take_shard(kept, index, count)
+    docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
+    triples = mine_negatives(
+        mine, _bm25(run.config, docs), depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tsv = Path(tmp) / "triples.tsv"
+        write_triples_tsv(triples, docs, tsv)
+        files = {f"triples-{shard_name(index, count, 'tsv')}": tsv.read_bytes()}
+    shard.commit(dumps_rows(triples), ext="jsonl", files=files, stats={"rows": len(triples)})
+
+
+def split_held_out(triples: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Keep a stable hash-chosen share of synthetic queries aside (fusion weight, validation)."""
+    import hashlib
+
+    if fraction <= 0:
+        return list(triples), []
+    train, held = [], []
+    for t in triples:
+        h = int(hashlib.sha1(str(t["query_id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if h < fraction else train).append(t)
+    return train, held
+
+
+# Training stats that say how long an attempt took, not what it made: kept out of committed bytes.
+TIMING_STATS = ("seconds", "steps_per_second")
+
+
+def train_worker(shard: Shard) -> None:
+    from .rerank import choose_fusion_weight, load_reranker, rerank_run
+    from .train import train_model
+
+    run, config = shard.run, shard.run.config
+    triples = run.read_rows("negatives", shard.shards_of("negatives"))
+    train_rows, held_out = split_held_out(triples, config.train.held_out_fraction)
+    if not train_rows:
+        raise InputError("no training triples: the filter kept no queries (see filter/summary.json)")
+    docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+
+        def progress(step: int, total: int, loss: float) -> None:
+            shard.progress(step, total, "steps")
+
+        stats = train_model(train_rows, docs, config.train, model_dir, on_progress=progress)
+        shard.attempt["timing"] = {k: stats.pop(k) for k in TIMING_STATS if k in stats}
+        fusion = {"weight": None, "reason": "no held-out synthetic queries"}
+        if held_out and config.rerank.fusion:
+            # The fusion weight is chosen on held-out *synthetic* queries (their source document is
+            # the relevant one), never on the evaluation queries.
+            queries = {t["query_id"]: t["query"] for t in held_out}
+            qrels = {t["query_id"]: {t["pos_doc_id"]: 1} for t in held_out}
+            first = _bm25(config, docs).search(queries, config.rerank.depth)
+            reranker = load_reranker(str(model_dir), batch_size=config.rerank.batch_size, max_length=config.rerank.max_length)
+            second = rerank_run(first, queries, docs, reranker, depth=config.rerank.depth)
+            weight, scores = choose_fusion_weight(first, second, qrels)
+            fusion = {"weight": weight, "measure": "RR@10", "n_queries": len(queries), "grid": scores}
+        stats = {**stats, "n_train_queries": len(train_rows), "n_held_out": len(held_out), "fusion": fusion}
+        files: dict[str, Any] = {f"model/{p.relative_to(model_dir).as_posix()}": p for p in sorted(model_dir.rglob("*")) if p.is_file()}
+        files["held_out.jsonl"] = dumps_rows(held_out)
+        files["fusion.json"] = json.dumps(fusion, indent=2).encode()
+        shard.commit(json.dumps(stats, indent=2, sort_keys=True).encode(), ext="json", files=files, stats={"rows": len(train_rows)})
+
+
+def rerank_worker(shard: Shard) -> None:
+    from .rerank import fuse_runs, load_reranker, rerank_run, with_tail
+
+    run, index, count = shard.run, shard.index, shard.count
+    config, cfg = run.config, run.config.rerank
+    queries = evaluation_queries(config, _read_fewshot_ids(run))
+    mine = dict(take_shard(list(queries.items()), index, count))
+    docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
+    if cfg.first_stage == "bm25":
+        # Retrieve deeper than we rerank, so recall measures (R@100, R@1000) stay meaningful.
+        first = _bm25(config, docs).search(mine, max(cfg.depth, FIRST_STAGE_DEPTH)) if mine else {}
+    else:
+        given = corpus_io.read_run(fetch(cfg.first_stage))
+        first = {q: given[q] for q in mine if q in given}
+    fusion = json.loads(run.read_file("train", "fusion.json"))
+    model = run.fetch("train", "model")
+    reranker = load_reranker(str(model), batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device)
+    reranked = rerank_run(first, mine, docs, reranker, depth=cfg.depth)
+    name = shard_name(index, count, "trec")
+    files = {f"firststage-{name}": corpus_io.format_run(first, "firststage").encode()}
+    if fusion.get("weight") is not None:
+        head = {q: {d: first[q][d] for d in reranked[q]} for q in reranked}
+        fused = with_tail(fuse_runs(head, reranked, fusion["weight"]), first)
+        files[f"fused-{name}"] = corpus_io.format_run(fused, "fused").encode()
+    reranked = with_tail(reranked, first)
+    stats = {"rows": len(mine), "queries": len(mine), "unranked": sorted(q for q in mine if not first.get(q))}
+    shard.commit(corpus_io.format_run(reranked, "reranked").encode(), ext="trec", files=files, stats=stats)
+
+
+def _read_trec_shards(run: Run, prefix: str, count: int) -> dict | None:
+    """One system's run from every rerank shard (``prefix``: "" reranked, "firststage-", "fused-")."""
+    out: dict[str, dict[str, float]] = {}
+    for i in range(count):
+        name = f"{prefix}{shard_name(i, count, 'trec')}"
+        if not run.has_file("rerank", name, i, count):
+            return None
+        data = run.read_file("rerank", name, i, count)
+        where = run.storage.uri(f"rerank/{name}")
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise InputError(f"expected 6 TREC run columns, got {len(parts)}", path=where, line=lineno)
+            out.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    return out
+
+
+def evaluate_worker(shard: Shard) -> None:
+    from .evaluate import evaluate, format_table, paired_bootstrap
+
+    run, config = shard.run, shard.run.config
+    n_rerank = shard.shards_of("rerank")
+    ds = resolve_dataset(config)
+    exclude = _read_fewshot_ids(run)
+    qrels = corpus_io.read_qrels(ds.qrels)
+    systems = {"bm25": _read_trec_shards(run, "firststage-", n_rerank), "reranked": _read_trec_shards(run, "", n_rerank)}
+    fused = _read_trec_shards(run, "fused-", n_rerank)
+    if fused is not None:
+        systems["fused"] = fused
+    # Every rerank shard is committed (the driver checked), so a judged query without a ranking is one
+    # the first stage found nothing for (no query term in the corpus): it scores 0, as trec_eval -c does.
+    unranked = sorted({q for i in range(n_rerank) for q in (run.record("rerank", i, n_rerank) or {})["stats"].get("unranked", [])})
+    results = {
+        name: evaluate(r, qrels, config.evaluate.measures, exclude_queries=exclude, allow_missing=True) for name, r in systems.items()
+    }
+    bootstrap = {
+        name: paired_bootstrap(results["bm25"]["per_query"]["nDCG@10"], results[name]["per_query"]["nDCG@10"])
+        for name in results
+        if name != "bm25" and "nDCG@10" in results[name]["per_query"]
+    }
+    out = {
+        "systems": results,
+        "excluded_queries": sorted(exclude & set(qrels), key=_natural),
+        "unranked_queries": unranked,
+        "bootstrap": bootstrap,
+    }
+    table = format_table({name: r["aggregate"] for name, r in results.items()})
+    if unranked:
+        table += f"{len(unranked)} judged queries had no first-stage hit (no query term in the corpus) and score 0\n"
+    shard.commit(
+        json.dumps(out, indent=2, sort_keys=True).encode(),
+        ext="json",
+        files={"table.txt": table.encode()},
+        stats={"rows": len(qrels), "unranked": len(unranked), "nDCG@10": {k: v["aggregate"].get("nDCG@10") for k, v in results.items()}},
+    )
+
+
+def publish_worker(shard: Shard) -> None:
+    from .publish import publish_dataset
+
+    run, config = shard.run, shard.run.config
+    kept = run.read_rows("filter", 1)
+    summary = json.loads(run.read_file("filter", "summary.json"))
+    manifest = publish_dataset(kept, config.publish.destination, dataset=config.data.name, manifest=run.manifest, filter_stats=summary)
+    shard.commit(json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(kept)})
+
+
+# --------------------------------------------------------------------------- running one shard
+
+
+def run_stage(run_uri: str, stage: str, shard_index: int | None = None) -> bool:
+    """Run one shard of ``stage`` of the run at ``run_uri``; False if it was already committed
+    (before this worker started, or by a twin while this one waited for the shard's lease)."""
+    spec = get_stage(stage)
+    run = Run.open(run_uri)
+    if not spec.enabled(run.config):
+        raise ConfigError(f"stage {stage!r} is not part of this run (publish needs publish.destination)")
+    count = spec.shards(run.config)
+    index = shard_index if shard_index is not None else shard_index_from_env(default=0 if count == 1 else None)
+    if not 0 <= index < count:
+        raise ConfigError(f"shard index {index} is not in [0, {count}) for stage {stage}")
+    if run.shard_done(stage, index, count):
+        log.info("%s shard %d/%d is already committed; nothing to do", stage, index, count)
+        return False
+    shards = stage_shards(run.config)
+    for upstream in spec.inputs:
+        run.require_complete(upstream, shards[upstream], needed_by=stage)
+    lease = run.lease(stage, index, count).acquire(done=lambda: run.shard_done(stage, index, count))
+    if lease is None:
+        log.info("%s shard %d/%d was committed by another worker while this one waited", stage, index, count)
+        return False
+    shard = Shard(run, stage, index, count, lease)
+    started, cpu0 = time.time(), time.process_time()
+    shard.attempt.update(started_at=started, host=socket.gethostname())
+    outcome = "failed"
+    _watch_parent()
+    try:
+        with lease:
+            module, _, name = spec.worker.partition(":")
+            getattr(importlib.import_module(module), name)(shard)
+            outcome = shard.attempt.get("outcome", "committed")
+    except BaseException as e:
+        shard.attempt["error"] = f"{type(e).__name__}: {e}"[:2000]
+        raise
+    finally:
+        shard.attempt.update(
+            outcome=outcome,
+            seconds=round(time.time() - started, 3),
+            cpu_seconds=round(time.process_time() - cpu0, 3),
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            bytes_read=run.bytes_read,
+        )
+        try:
+            run.record_attempt(stage, index, count, shard.attempt)
+        except Exception as e:  # the attempt record is a note: never mask the real outcome
+            log.warning("could not store the attempt record: %s", e)
+    return outcome == "committed"
+
+
+def _watch_parent() -> None:
+    """Die with the launcher: a local executor sets ``INPARS_PARENT_PID``; when that process is gone
+    (this worker was re-parented), stop as if preempted, so a killed launcher leaves no worker
+    paying for requests that a ``resume`` would make again."""
+    parent = os.environ.get("INPARS_PARENT_PID")
+    if not parent or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        import signal
+
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != int(parent):
+                log.error("the launcher (pid %s) is gone: stopping", parent)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
