@@ -34,6 +34,34 @@ def fetch(uri: str) -> Path:
     return Path(fetch_local(uri))
 
 
+def source_exists(source: str) -> str | None:
+    """Why ``source`` (a corpus, queries or few-shot file) cannot be read, or None when it can.
+    Cheap: nothing is downloaded (a gs:// object or folder is only looked up)."""
+    try:
+        if source.startswith("builtin:"):
+            builtin_folder(source.split(":", 1)[1])
+        elif source.startswith("irds:"):
+            try:
+                import ir_datasets
+            except ImportError:
+                return "needs `pip install 'inpars[irds]'` (ir_datasets)"
+            try:
+                ir_datasets.load(source.split(":", 1)[1])  # looks the id up; downloads nothing yet
+            except KeyError:
+                return "ir_datasets knows no such dataset"
+        elif source.startswith("gs://"):
+            from .storage import open_storage
+
+            parent, _, name = source.rstrip("/").rpartition("/")
+            if not (name and open_storage(parent).exists(name)) and not open_storage(source).list(""):
+                return "no such object or folder"
+        elif not Path(source).exists():
+            return "no such file or folder"
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def builtin_folder(name: str) -> Path:
     folder = BUILTIN_DATA / name
     if not folder.is_dir():

@@ -134,3 +134,46 @@ def stage_shards(config: PipelineConfig) -> dict[str, int]:
 def resources_for(config: PipelineConfig, stage: str) -> ResourcesConfig:
     """The pod resources of ``stage``: the user's ``resources.<stage>``, else the stage's defaults."""
     return config.resources.get(stage) or get_stage(stage).resources
+
+
+def preflight(config: PipelineConfig, *, runs_here: bool = True) -> None:
+    """Check, before a run folder is made or anything is paid for, what can be checked cheaply: the
+    data sources exist, the prompt is known, the generation backend is installed (``runs_here``: the
+    workers run on this machine). Raises one :class:`ConfigError` listing every problem."""
+    from .datasets import source_exists
+    from .prompts import template_path
+
+    problems = []
+    data = config.data
+    for setting, source in (
+        ("data.corpus", data.corpus),
+        ("data.queries", data.queries),
+        ("data.qrels", data.qrels),
+        ("generate.fewshot_file", config.generate.fewshot_file),
+    ):
+        if source is None:
+            continue
+        why = source_exists(source)
+        if why:
+            problems.append(f"{setting} = {source!r}: {why}")
+    prompt = config.generate.prompt
+    name = f"promptagator-{data.name}" if prompt == "promptagator" else prompt
+    try:
+        template_path(name)
+    except ConfigError as e:
+        problems.append(f"generate.prompt = {prompt!r}: {e}")
+    if runs_here:
+        from .backends import backend_class
+
+        try:
+            if not backend_class(config.generate.backend).is_available():
+                problems.append(f"generate.backend = {config.generate.backend!r}: not available here (missing dependencies)")
+        except ConfigError as e:
+            problems.append(f"generate.backend = {config.generate.backend!r}: {e}")
+    if config.generate.backend == "openai" and config.generate.base_url is None:
+        import os
+
+        if not os.environ.get(config.generate.api_key_env):
+            problems.append(f"generate.api_key_env = {config.generate.api_key_env!r}: the OpenAI API needs a key in that variable")
+    if problems:
+        raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..config import PipelineConfig
 from ..errors import EXIT_PERMANENT, EXIT_TRANSIENT, InParsError, cli_errors
-from ..pipeline import stages_for
+from ..pipeline import preflight, stages_for
 from .driver import StageFailed, drive, plan_run
 
 app = typer.Typer(help="Run InPars pipelines locally or on Kubernetes.", no_args_is_help=True, add_completion=False)
@@ -167,6 +167,7 @@ def run(
         ]
         typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
         return
+    preflight(cfg, runs_here=backend == "local")
     run_ = Run.create(workspace, cfg, run_id)
     console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
     _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)

@@ -129,7 +129,7 @@ def load_prompt(name: str, fewshot_file: str | None = None, n_examples: int = DE
     Dynamic (Promptagator) prompts need ``fewshot_file``: JSONL rows with ``query_id``, ``query``,
     ``doc_id``, ``title``, ``text``.
     """
-    path = _resolve(name)
+    path = template_path(name)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -164,7 +164,8 @@ def load_prompt(name: str, fewshot_file: str | None = None, n_examples: int = DE
     )
 
 
-def _resolve(name: str) -> Path:
+def template_path(name: str) -> Path:
+    """The YAML template a prompt name means (a packaged name or a path); unknown names are a ConfigError."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
         path = Path(name).expanduser()
         if not path.is_file():
@@ -211,4 +212,4 @@ def read_fewshot(path: str) -> list[FewShotExample]:
     return examples
 
 
-__all__ = ["FewShotExample", "Prompt", "PromptText", "known_prompts", "load_prompt", "read_fewshot"]
+__all__ = ["FewShotExample", "Prompt", "PromptText", "known_prompts", "load_prompt", "read_fewshot", "template_path"]
