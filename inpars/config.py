@@ -135,6 +135,10 @@ class ResourcesConfig:
     tpu_type: str | None = None  # e.g. tpu-v5-lite-podslice
     tpu_topology: str | None = None  # e.g. 2x2
     parallelism: int | None = None
+    # Kubernetes: fail the stage's Job after this long (activeDeadlineSeconds; None: the stage's default).
+    active_deadline_seconds: int | None = None
+    # Kubernetes: report and fail a stage whose pods stay Pending (or whose Job stays queued) this long.
+    pending_deadline_seconds: int | None = None
 
 
 @dataclass

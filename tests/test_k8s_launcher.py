@@ -18,16 +18,10 @@ kmock = pytest.importorskip("kmock")
 from kubernetes import client  # noqa: E402
 
 from inpars.config import PipelineConfig  # noqa: E402
-from inpars.launch.k8s import (  # noqa: E402
-    COMPLETION_INDEX_LABEL,
-    JOB_NAME_LABEL,
-    SHARD_INDEXES_ENV,
-    JobFailedError,
-    K8sExecutor,
-    format_indexes,
-    parse_indexes,
-)
+from inpars.launch.k8s import JobFailedError, K8sExecutor  # noqa: E402
+from inpars.launch.k8s_manifests import COMPLETION_INDEX_LABEL, JOB_NAME_LABEL, format_indexes, parse_indexes  # noqa: E402
 from inpars.launch.plan import StageJob, plan_pipeline  # noqa: E402
+from inpars.shards import SHARD_INDEXES_ENV  # noqa: E402
 
 NS = "inpars"
 
@@ -82,6 +76,7 @@ def api(server: KMockServer) -> client.ApiClient:
 
 
 def executor(api: client.ApiClient, **kw) -> K8sExecutor:
+    kw = {"check_interval": 1.0, "poll_interval": 0.1, **kw}
     return K8sExecutor(NS, "ghcr.io/inpars/inpars:cpu", api_client=api, watch_timeout=5, **kw)
 
 

@@ -39,10 +39,13 @@ def build_config(config: Path | None, sets: list[str]) -> PipelineConfig:
     return cfg.override(_parse_sets(sets)) if sets else cfg
 
 
-def _k8s_executor(namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig | None = None):
+def _k8s_executor(
+    namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig | None = None, max_parallel_pods: int | None = None
+):
     from .k8s import K8sExecutor
 
-    return K8sExecutor(namespace=namespace, image=image or (cfg.image if cfg else PipelineConfig().image), queue=queue)
+    image = image or (cfg.image if cfg else PipelineConfig().image)
+    return K8sExecutor(namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
 @app.command()
@@ -61,6 +64,7 @@ def run(
     image: str | None = None,
     queue: str | None = typer.Option(None, help="Kueue LocalQueue name"),
     until: str | None = typer.Option(None, help="stop after this stage (resume continues later)"),
+    max_parallel_pods: int | None = typer.Option(None, help="k8s: at most this many pods of a stage at once (a Kueue queue may lower it)"),
 ):
     """Run every stage of a pipeline, stage after stage, and print the evaluation."""
     from ..workspace import Run
@@ -71,21 +75,39 @@ def run(
     if dry_run:
         if backend != "k8s":
             raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
-        from .k8s import render_job
+        from .k8s_manifests import dry_run as render_dry_run
 
         rid = run_id or f"{cfg.data.name}-dry-run"
         run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
-        docs = [
-            render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue) for job in plan_pipeline(cfg, run_uri)
-        ]
-        typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
+        # Rendering validates each manifest as the API server would (names, hostnames, labels, quantities).
+        text = render_dry_run(
+            plan_pipeline(cfg, run_uri),
+            run_id=rid,
+            namespace=namespace,
+            image=image or cfg.image,
+            queue=queue,
+            max_parallel_pods=max_parallel_pods,
+        )
+        typer.echo(text)
         return
     run_ = Run.create(workspace, cfg, run_id)
     console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
-    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
+    _execute(
+        run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until, max_parallel_pods=max_parallel_pods
+    )
 
 
-def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, until: str | None = None) -> None:
+def _execute(
+    run_,
+    backend: str,
+    *,
+    parallel: int,
+    namespace: str,
+    image: str | None,
+    queue: str | None,
+    until: str | None = None,
+    max_parallel_pods: int | None = None,
+) -> None:
     jobs = plan_pipeline(run_.config, run_.uri, until=until)
     started = time.monotonic()
     if backend == "local":
@@ -93,7 +115,7 @@ def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | 
 
         run_jobs(jobs, max_parallel=parallel, run=run_)
     elif backend == "k8s":
-        _k8s_executor(namespace, image, queue, run_.config).run_pipeline(jobs, run_)
+        _k8s_executor(namespace, image, queue, run_.config, max_parallel_pods).run_pipeline(jobs, run_)
     else:
         raise InParsError(f"unknown backend {backend!r}: local | k8s")
     print_summary(run_, time.monotonic() - started)
@@ -148,11 +170,12 @@ def resume(
     namespace: str = "inpars",
     image: str | None = None,
     queue: str | None = None,
+    max_parallel_pods: int | None = typer.Option(None, help="k8s: at most this many pods of a stage at once"),
 ):
     """Continue a run that died: only the shards missing from the workspace run again."""
     from ..workspace import Run
 
-    _execute(Run.open(run), backend, parallel=parallel, namespace=namespace, image=image, queue=queue)
+    _execute(Run.open(run), backend, parallel=parallel, namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
 @app.command()

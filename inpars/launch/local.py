@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_PERMANENT, InParsError
+from ..shards import COMPLETION_INDEX_ENV, HOST_COUNT_ENV, SHARD_INDEXES_ENV, worker_env
 from ..storage import cache_root, is_remote
 from .plan import StageJob
 
@@ -168,10 +169,12 @@ def _env(job: StageJob, extra_env: dict[str, str], shard: int) -> dict[str, str]
     # The workers are this installation's `inpars` script, also when its venv is not activated.
     scripts = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if scripts else env.get("PATH", "")
-    env.pop("INPARS_SHARD_INDEXES", None)  # the index below is the real shard number
+    for var in (SHARD_INDEXES_ENV, HOST_COUNT_ENV):
+        env.pop(var, None)  # the index below is the real shard number, on one host
     env.update(job.env)
     env.update(extra_env)
-    env["JOB_COMPLETION_INDEX"] = str(shard)
+    env.update(worker_env(job.shards))
+    env[COMPLETION_INDEX_ENV] = str(shard)
     return env
 
 
