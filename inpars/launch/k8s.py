@@ -298,7 +298,7 @@ class _JobSets(_Jobs):
         try:
             return self.custom.list_namespaced_custom_object(*self.args, label_selector=selector).get("items") or []
         except ApiException as exc:
-            if exc.status == 404:  # JobSet is not installed: there are none
+            if exc.status in (403, 404):  # JobSet not installed, or not granted: none of ours
                 return []
             raise
 
