@@ -350,7 +350,9 @@ class K8sExecutor:
     in-cluster service account. ``queue``: a Kueue LocalQueue; each Job is checked against it before
     submission (:mod:`inpars.launch.kueue`). ``max_parallel_pods``: a run-wide cap on any Job's
     ``parallelism``. ``check_interval``: how often an idle watch re-reads the Job and its pods;
-    ``poll_interval``: the pause before reconnecting a failed watch. ``clock``: a monotonic clock.
+    ``poll_interval``: the pause before reconnecting a failed watch. ``clock``: wall time by default,
+    because the monotonic clocks stand still while a laptop sleeps, and a sleep through a Job's TTL
+    is what tells an expired Job from a deleted one.
     """
 
     def __init__(
@@ -369,7 +371,7 @@ class K8sExecutor:
         poll_interval: float = 5.0,
         resubmits: int = 2,
         log: Callable[[str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ):
         from kubernetes import client
 
