@@ -199,6 +199,10 @@ class ResourcesConfig(Section):
     tpu_type: str | None = None  # e.g. tpu-v5-lite-podslice
     tpu_topology: Annotated[str, Field(pattern=r"^\d+x\d+(x\d+)?$")] | None = None  # e.g. 2x2
     parallelism: Count | None = None
+    # Kubernetes: fail the stage's Job after this long (activeDeadlineSeconds; None: the stage's default).
+    active_deadline_seconds: Count | None = None
+    # Kubernetes: report and fail a stage whose pods stay Pending (or whose Job stays queued) this long.
+    pending_deadline_seconds: Count | None = None
 
     @model_validator(mode="after")
     def _accelerators(self) -> ResourcesConfig:

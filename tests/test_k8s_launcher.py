@@ -11,25 +11,24 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 kmock = pytest.importorskip("kmock")
 from kubernetes import client  # noqa: E402
 
-from inpars.config import PipelineConfig  # noqa: E402
-from inpars.launch.k8s import (  # noqa: E402
-    COMPLETION_INDEX_LABEL,
-    JOB_NAME_LABEL,
-    SHARD_INDEXES_ENV,
-    JobFailedError,
-    K8sExecutor,
-    format_indexes,
-    parse_indexes,
-)
+from inpars.config import PipelineConfig, ResourcesConfig  # noqa: E402
+from inpars.launch.k8s import JobDeletedError, JobFailedError, JobStuckError, K8sExecutor  # noqa: E402
+from inpars.launch.k8s_manifests import COMPLETION_INDEX_LABEL, JOB_NAME_LABEL, format_indexes, parse_indexes  # noqa: E402
+from inpars.launch.kueue import QueueRefusedError  # noqa: E402
 from inpars.launch.plan import StageJob, plan_pipeline  # noqa: E402
+from inpars.shards import SHARD_INDEXES_ENV  # noqa: E402
 
 NS = "inpars"
+ROOT = Path(__file__).resolve().parents[1]
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 
 
 class KMockServer:
@@ -82,6 +81,7 @@ def api(server: KMockServer) -> client.ApiClient:
 
 
 def executor(api: client.ApiClient, **kw) -> K8sExecutor:
+    kw = {"check_interval": 1.0, "poll_interval": 0.1, **kw}
     return K8sExecutor(NS, "ghcr.io/inpars/inpars:cpu", api_client=api, watch_timeout=5, **kw)
 
 
@@ -327,7 +327,8 @@ def test_run_pipeline_trusts_the_workspace_over_the_job(api):
     assert retry["metadata"]["annotations"]["inpars.io/shard-indexes"] == "1"
 
 
-def test_kueue_queued_job_is_followed_through_admission(api):
+def test_kueue_queued_job_is_followed_through_admission(api, server):
+    install_kueue(server, api)
     ex = executor(api, queue="inpars")
     name = ex.submit(stage_job(shards=1), "rq")
     obj = jobs_in(api)[name]
@@ -354,3 +355,290 @@ def test_a_job_deleted_while_watched_stops_the_pipeline(api):
         ex.watch(name)
     t.join(5)
     assert not t.errors and jobs_in(api) == {}
+
+
+# ---------------------------------------------------------------- Kueue, stuck work, vanished Jobs
+
+
+def install_kueue(server: KMockServer, api: client.ApiClient, edit: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """k8s/kueue/kueue.yaml (optionally edited first) applied to kmock, as `kubectl apply -k k8s/kueue/` would."""
+    for plural in ("resourceflavors", "clusterqueues", "localqueues", "workloads"):
+        server.handler.resources[f"{KUEUE_GROUP}/{KUEUE_VERSION}/{plural}"] = {}
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s/kueue/kueue.yaml").read_text()) if d]
+    if edit:
+        edit(docs)
+    custom = client.CustomObjectsApi(api)
+    plurals = {"ResourceFlavor": "resourceflavors", "ClusterQueue": "clusterqueues", "LocalQueue": "localqueues"}
+    for d in docs:
+        if d["kind"] == "LocalQueue":
+            custom.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, NS, "localqueues", d)
+        else:
+            custom.create_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, plurals[d["kind"]], d)
+    return docs
+
+
+def cluster_queue(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "ClusterQueue")
+
+
+def gpu_job(shards: int = 16, gpu_type: str = "nvidia-l4", parallelism: int | None = None, **res) -> StageJob:
+    resources = ResourcesConfig(cpu="4", memory="16Gi", gpu=1, gpu_type=gpu_type, parallelism=parallelism, **res)
+    return StageJob("generate", shards, ["inpars", "worker", "generate"], resources=resources, parallelism=parallelism or shards)
+
+
+def test_a_queue_that_can_never_admit_is_refused_before_submission(api, server):
+    def no_tpu_no_h100(docs: list[dict]) -> None:
+        groups = cluster_queue(docs)["spec"]["resourceGroups"]
+        groups[:] = [g for g in groups if g["coveredResources"] != ["google.com/tpu"]]
+        for g in groups:
+            g["flavors"] = [f for f in g["flavors"] if f["name"] != "nvidia-h100-80gb"]
+
+    install_kueue(server, api, no_tpu_no_h100)
+    ex = executor(api, queue="inpars")
+    tpu = StageJob("train", 1, ["x"], resources=ResourcesConfig(cpu="8", memory="32Gi", tpu_type="tpu-v6e-slice", tpu_topology="2x4"))
+    with pytest.raises(QueueRefusedError, match="no flavour for google.com/tpu"):
+        ex.submit(tpu, "rq")
+    with pytest.raises(
+        QueueRefusedError, match=r"node label cloud.google.com/gke-accelerator=nvidia-l4 \(the pod selects nvidia-h100-80gb\)"
+    ):
+        ex.submit(gpu_job(2, "nvidia-h100-80gb"), "rq")
+    with pytest.raises(QueueRefusedError, match="cannot admit even one pod for cpu"):
+        ex.submit(StageJob("filter", 1, ["x"], resources=ResourcesConfig(cpu="200", memory="8Gi")), "rq")
+    # 16 shards x 1 GPU, parallelism set explicitly, against an 8-GPU flavour: refused, with the fix.
+    with pytest.raises(
+        QueueRefusedError, match=r"16 pods at once exceed .* \(8\) for nvidia.com/gpu; set resources.generate.parallelism <= 8"
+    ):
+        ex.submit(gpu_job(16, parallelism=16), "rq")
+    with pytest.raises(QueueRefusedError, match="LocalQueue 'nope' not found"):
+        executor(api, queue="nope").submit(gpu_job(2), "rq")
+    assert jobs_in(api) == {}  # nothing was submitted
+
+
+def test_default_parallelism_is_lowered_to_what_the_quota_admits(api, server):
+    install_kueue(server, api)
+    messages: list[str] = []
+    ex = executor(api, queue="inpars", log=messages.append)
+    name = ex.submit(gpu_job(16), "rp")
+    job = jobs_in(api)[name]
+    assert job["spec"]["completions"] == 16 and job["spec"]["parallelism"] == 8  # the shipped nvidia-l4 quota
+    assert any("parallelism 16 -> 8" in m and "nvidia.com/gpu" in m for m in messages)
+    # A run-wide cap below the quota is kept as it is.
+    capped = executor(api, queue="inpars", max_parallel_pods=3).submit(gpu_job(16), "rp2")
+    assert jobs_in(api)[capped]["spec"]["parallelism"] == 3
+
+
+def test_borrowing_from_the_cohort_counts(api, server):
+    def cohort(docs: list[dict]) -> None:
+        cq = cluster_queue(docs)
+        cq["spec"]["cohort"] = "team"
+        gpu = next(g for g in cq["spec"]["resourceGroups"] if g["coveredResources"] == ["nvidia.com/gpu"])
+        gpu["flavors"][0]["resources"][0]["borrowingLimit"] = 8  # nvidia-l4: 8 + 8
+        lender = {"apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "ClusterQueue", "metadata": {"name": "other"}}
+        lender["spec"] = {"cohort": "team", "resourceGroups": []}
+        docs.append(lender)
+
+    install_kueue(server, api, cohort)
+    name = executor(api, queue="inpars").submit(gpu_job(16, parallelism=16), "rb")
+    assert jobs_in(api)[name]["spec"]["parallelism"] == 16
+
+
+def create_pod(api: client.ApiClient, job: str, index: int, status: dict) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-{index}-x{index}",
+            "namespace": NS,
+            "labels": {JOB_NAME_LABEL: job, COMPLETION_INDEX_LABEL: str(index)},
+        },
+        "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        "status": status,
+    }
+    client.CoreV1Api(api).create_namespaced_pod(NS, pod)
+
+
+def waiting(reason: str, message: str) -> dict:
+    state = {"waiting": {"reason": reason, "message": message}}
+    status = {"name": "worker", "image": "ghcr.io/inpars/inpars:cpu", "imageID": "", "ready": False, "restartCount": 0, "state": state}
+    return {"phase": "Pending", "containerStatuses": [status]}
+
+
+STUCK = {
+    "ImagePullBackOff": waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/inpars/inpars:cpu"'),
+    "ErrImagePull": waiting("ErrImagePull", "manifest unknown"),
+    "Unschedulable": {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("reason", sorted(STUCK))
+def test_pods_stuck_pending_are_reported_and_the_stage_fails(api, reason):
+    ex = executor(api, check_interval=0.2)
+    job = StageJob("generate", 2, ["x"], resources=ResourcesConfig(pending_deadline_seconds=1))
+    name = ex.submit(job, "rs")
+    set_status(api, name, {"active": 2})
+    for index in (0, 1):
+        create_pod(api, name, index, STUCK[reason])
+    seen: list[list[str]] = []
+    started = time.monotonic()
+    with pytest.raises(JobStuckError) as info:
+        ex.watch(name, lambda p: seen.append(list(p.waiting)))
+    assert time.monotonic() - started < 10
+    text = str(info.value)
+    assert f"2 pod(s) {reason}" in text and "pending deadline 1 s" in text and "pending_deadline_seconds" in text
+    if reason == "Unschedulable":
+        assert "0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in text  # the scheduler's own words
+    assert any(w and reason in w[0] for w in seen)  # shown while waiting, before the failure
+    assert jobs_in(api) == {}  # the stuck Job is deleted, not left to start unwatched
+
+
+def test_a_job_kueue_never_admits_is_reported_with_the_workload_reason(api, server):
+    install_kueue(server, api)
+    ex = executor(api, queue="inpars", check_interval=0.2)
+    name = ex.submit(gpu_job(2, parallelism=2, pending_deadline_seconds=1), "rk")
+    workload = {
+        "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"job-{name}-1a2b3",
+            "namespace": NS,
+            "ownerReferences": [{"kind": "Job", "name": name, "apiVersion": "batch/v1", "uid": "u"}],
+        },
+        "status": {
+            "conditions": [
+                {
+                    "type": "QuotaReserved",
+                    "status": "False",
+                    "reason": "Pending",
+                    "message": "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor nvidia-l4, 2 more needed",
+                }
+            ]
+        },
+    }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, NS, "workloads", workload)
+    with pytest.raises(JobStuckError, match="insufficient unused quota for nvidia.com/gpu") as info:
+        ex.watch(name)
+    assert info.value.progress.state == "failed" and "Kueue QuotaReserved=False" in str(info.value)
+    assert jobs_in(api) == {}
+    # Without a Workload to ask (e.g. RBAC), the suspended Job is still reported.
+    name2 = ex.submit(gpu_job(2, parallelism=2, pending_deadline_seconds=1), "rk2")
+    with pytest.raises(JobStuckError, match="waiting for Kueue to admit it"):
+        ex.watch(name2)
+
+
+def test_a_watch_that_expires_with_410_reconnects(api, server):
+    ex = executor(api)
+    name = ex.submit(stage_job(shards=2), "r410")
+    server.handler[kmock.action.WATCH][:1] << 410  # the first watch request: 410 Gone
+
+    def controller() -> None:
+        time.sleep(0.5)
+        set_status(api, name, {"completedIndexes": "0-1", "conditions": [{"type": "Complete", "status": "True"}]})
+
+    t = in_thread(controller)
+    progress = ex.watch(name)
+    t.join(5)
+    assert progress.state == "complete" and progress.completed == [0, 1]
+    assert len(server.handler[kmock.action.WATCH]) >= 2  # it watched again after the 410
+
+
+def break_watches(server: KMockServer) -> None:
+    """Every watch request fails (a proxy dropping streams, a laptop asleep): only GETs tell the launcher anything."""
+    server.handler[kmock.action.WATCH] << 503
+
+
+def test_a_job_gone_by_ttl_whose_shards_are_committed_is_done(api, server):
+    break_watches(server)
+    run = FakeRun("rt", {})
+    messages: list[str] = []
+
+    def controller() -> None:  # the Job finishes and its TTL removes it while nobody watches
+        [name] = wait_for(lambda: list(jobs_in(api)))
+        time.sleep(0.3)
+        run.commit("generate", [0, 1])
+        client.BatchV1Api(api).delete_namespaced_job(name, NS)
+
+    t = in_thread(controller)
+    done = executor(api, ttl_seconds=0, log=messages.append).run_pipeline([stage_job("generate", 2)], run, log=messages.append)
+    t.join(5)
+    assert not t.errors
+    assert [p.reason for p in done] == ["Committed"] and done[0].completed == [0, 1]
+    assert any("the workspace holds its shards; going on" in m for m in messages)
+    assert len(server.handler["post"]) == 1  # nothing was submitted again
+
+
+def test_a_job_gone_by_ttl_without_its_shards_is_submitted_again(api, server):
+    break_watches(server)
+    run = FakeRun("rt2", {"generate": {1}})
+    messages: list[str] = []
+    stop = threading.Event()
+
+    def controller() -> None:  # the first Job vanishes uncommitted; the next one is completed normally
+        [name] = wait_for(lambda: list(jobs_in(api)))
+        time.sleep(0.3)
+        client.BatchV1Api(api).delete_namespaced_job(name, NS)
+        wait_for(lambda: any(n.endswith("-r1") for n in jobs_in(api)))
+        auto_controller(api, run, stop)
+
+    t = in_thread(controller)
+    try:
+        done = executor(api, ttl_seconds=0, log=messages.append).run_pipeline([stage_job("generate", 3)], run, log=messages.append)
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.errors
+    [retry] = [o for n, o in jobs_in(api).items() if n.endswith("-generate-r1")]
+    assert retry["metadata"]["annotations"]["inpars.io/shard-indexes"] == "0,2"  # only what the workspace lacks
+    assert any("shards 0,2 are not committed; submitting again" in m for m in messages)
+    assert done[0].state == "complete" and run.missing_shards("generate", 3) == []
+
+
+def test_a_job_gone_soon_after_it_was_seen_running_was_deleted_not_expired(api, server):
+    break_watches(server)
+    ex = executor(api)  # TTL one day: a Job seen running a moment ago cannot have expired
+    job = stage_job("generate", 2)
+
+    def controller() -> None:
+        [name] = wait_for(lambda: list(jobs_in(api)))
+        time.sleep(0.3)
+        client.BatchV1Api(api).delete_namespaced_job(name, NS)
+
+    t = in_thread(controller)
+    with pytest.raises(JobDeletedError, match="deleted before it finished"):
+        ex.run_stage(job, "rg", [0, 1], workspace=FakeRun("rg", {}))
+    t.join(5)
+    assert len(server.handler["post"]) == 1
+
+
+def test_a_multi_host_tpu_stage_runs_as_a_jobset(api, server):
+    server.handler.resources["jobset.x-k8s.io/v1alpha2/jobsets"] = {}
+    ex = executor(api)
+    job = StageJob("train", 1, ["inpars", "worker", "train"], resources=ResourcesConfig(tpu_type="tpu-v5p-slice", tpu_topology="2x2x2"))
+    custom = client.CustomObjectsApi(api)
+
+    def jobset_controller() -> None:
+        items = wait_for(lambda: custom.list_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", NS, "jobsets")["items"])
+        name = items[0]["metadata"]["name"]
+        time.sleep(0.3)
+        custom.patch_namespaced_custom_object_status(
+            "jobset.x-k8s.io", "v1alpha2", NS, "jobsets", name, {"status": {"conditions": [{"type": "Completed", "status": "True"}]}}
+        )
+
+    t = in_thread(jobset_controller)
+    progress = ex.run_stage(job, "rj", [0])
+    t.join(5)
+    assert not t.errors
+    assert progress.kind == "JobSet" and progress.state == "complete" and progress.completed == [0]
+    [found] = ex.find_jobs("rj")
+    assert found["kind"] == "JobSet" and jobs_in(api) == {}  # a JobSet, not a batch/v1 Job
+    assert ex.cancel("rj") == [found["metadata"]["name"]]
+    assert ex.find_jobs("rj") == []

@@ -23,20 +23,27 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from inpars.config import PipelineConfig, ResourcesConfig  # noqa: E402
 from inpars.errors import EXIT_PERMANENT, ConfigError  # noqa: E402
-from inpars.launch.k8s import (  # noqa: E402
+from inpars.launch.accelerators import GPU_TYPES, tpu_slice  # noqa: E402
+from inpars.launch.k8s_manifests import (  # noqa: E402
     QUEUE_LABEL,
-    SHARD_COUNT_ENV,
-    SHARD_INDEXES_ENV,
     dry_run,
     image_for,
     job_name,
     render_examples,
     render_job,
+    render_stage,
     run_label,
-    shard_from_env,
     validate_manifest,
 )
-from inpars.launch.plan import SECRET_NAME, StageJob, plan_pipeline  # noqa: E402
+from inpars.launch.kueue import QueueView, check_admission  # noqa: E402
+from inpars.launch.plan import SECRET_NAME, StageJob, launch_command, plan_pipeline  # noqa: E402
+from inpars.shards import (  # noqa: E402
+    SHARD_COUNT_ENV,
+    SHARD_INDEXES_ENV,
+    host_from_env,
+    shard_count_from_env,
+    shard_index_from_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ["1.30.0", "1.35.0", kubernetes_validate.latest_version()]
@@ -148,18 +155,18 @@ def test_tpu_resources_and_selectors():
 
 
 def test_bad_resources_are_config_errors():
-    job = StageJob("train", 1, ["inpars"], resources=ResourcesConfig(gpu=1, tpu_type="tpu-v5-lite-podslice", tpu_topology="2x2"))
-    kw = dict(run_id="r", namespace="n", image="i:cpu")
+    # Settings that can never render are refused when the config is validated, before any rendering.
     with pytest.raises(ConfigError, match="not both"):
-        render_job(job, **kw)
+        ResourcesConfig.of(gpu=1, tpu_type="tpu-v5-lite-podslice", tpu_topology="2x2")
     with pytest.raises(ConfigError, match="tpu_topology"):
-        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(tpu_type="tpu-v5-lite-podslice")), **kw)
+        ResourcesConfig.of(tpu_type="tpu-v5-lite-podslice")
+    with pytest.raises(ConfigError, match="gpu >= 1"):
+        ResourcesConfig.of(gpu_type="nvidia-l4")
+    with pytest.raises(ConfigError, match="cpu = 'lots'"):
+        ResourcesConfig.of("resources", cpu="lots")
+    kw = dict(run_id="r", namespace="n", image="i:cpu")
     with pytest.raises(ConfigError, match="several hosts"):
         render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(tpu_type="tpu-v5p-slice", tpu_topology="4x4x4")), **kw)
-    with pytest.raises(ConfigError, match="gpu >= 1"):
-        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(gpu_type="nvidia-l4")), **kw)
-    with pytest.raises(ConfigError, match="not a quantity"):
-        render_job(StageJob("train", 1, ["inpars"], resources=ResourcesConfig(cpu="lots")), **kw)
     with pytest.raises(ConfigError, match="outside"):
         render_job(StageJob("generate", 4, ["inpars"]), indexes=[1, 4], **kw)
     with pytest.raises(ConfigError, match="no Job template"):
@@ -245,12 +252,35 @@ def test_dry_run_is_yaml_of_every_stage():
 def test_jobs_folder_is_up_to_date_and_valid():
     expected = render_examples()
     found = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "jobs").glob("*.yaml")}
-    assert found == expected, "jobs/*.yaml are stale: run `python -m inpars.launch.k8s --write-examples jobs/`"
+    assert found == expected, "jobs/*.yaml are stale: run `python -m inpars.launch.k8s_manifests --write-examples jobs/`"
     for text in expected.values():
         [m] = list(yaml.safe_load_all(text))
+        validate_strictly(m)
+        validate_manifest(m)
+    assert yaml.safe_load(expected["train-tpu-multihost.yaml"])["kind"] == "JobSet"
+
+
+def validate_jobset(m: dict) -> None:
+    """A JobSet against the JobSet API's generated models (kubeflow-trainer-api ships them; no
+    package carries the CRD's OpenAPI schema): a wrong type raises, and a field the API does not
+    have is dropped by the models, so the round trip must give the manifest back unchanged. Each
+    replicated Job's template is a batch/v1 Job spec: checked with the strict Kubernetes schemas."""
+    models = pytest.importorskip("kubeflow_trainer_api.models")
+    assert m["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and m["kind"] == "JobSet"
+    assert models.JobsetV1alpha2JobSet.from_dict(m).to_dict() == m, "a field the JobSet API does not have"
+    for rjob in m["spec"]["replicatedJobs"]:
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{m['metadata']['name']}-{rjob['name']}-0"}}
+        job["spec"] = rjob["template"]["spec"]
+        for version in VERSIONS:
+            kubernetes_validate.validate(job, version, strict=True)
+
+
+def validate_strictly(m: dict) -> None:
+    if m["kind"] == "JobSet":
+        validate_jobset(m)
+    else:
         for version in VERSIONS:
             kubernetes_validate.validate(m, version, strict=True)
-        validate_manifest(m)
 
 
 def k8s_docs(name: str) -> list[dict]:
@@ -268,7 +298,7 @@ def test_cluster_setup_manifests():
         for version in VERSIONS:
             kubernetes_validate.validate(d, version, strict=True)
         validate_manifest(d)
-        if d["kind"] != "Namespace":
+        if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert d["metadata"]["namespace"] == "inpars"
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {
@@ -319,8 +349,8 @@ def run_container_locally(manifest: dict, index: int, extra_env: dict | None = N
 
 def test_container_contract_runs_as_a_local_process():
     probe = (
-        "import json, os, sys; from inpars.launch.k8s import shard_from_env; "
-        "index, count = shard_from_env(); "
+        "import json, os, sys; from inpars.shards import shard_count_from_env, shard_index_from_env; "
+        "index, count = shard_index_from_env(), shard_count_from_env(); "
         "print(json.dumps({'shard': index, 'count': count, 'key': os.environ.get('OPENAI_API_KEY'), 'hf': os.environ.get('HF_HOME')})); "
         f"sys.exit({EXIT_PERMANENT} if index == 3 else 0)"
     )
@@ -343,9 +373,10 @@ def test_container_contract_runs_as_a_local_process():
     # Without the mapping (a first attempt) the completion index is the shard.
     plain = render_job(job, run_id="r", namespace="n", image="i")
     assert json.loads(run_container_locally(plain, 2).stdout)["shard"] == 2
-    assert shard_from_env({"JOB_COMPLETION_INDEX": "1", SHARD_INDEXES_ENV: "5,9", SHARD_COUNT_ENV: "10"}) == (9, 10)
+    env = {"JOB_COMPLETION_INDEX": "1", SHARD_INDEXES_ENV: "5,9", SHARD_COUNT_ENV: "10"}
+    assert (shard_index_from_env(environ=env), shard_count_from_env(env)) == (9, 10)
     with pytest.raises(ConfigError):
-        shard_from_env({"JOB_COMPLETION_INDEX": "2", SHARD_INDEXES_ENV: "5,9"})
+        shard_index_from_env(environ={"JOB_COMPLETION_INDEX": "2", SHARD_INDEXES_ENV: "5,9"})
 
 
 # ---------------------------------------------------------------- images (no Docker engine here: lint)
@@ -430,3 +461,226 @@ def test_container_contract_with_the_real_worker(tmp_path):
     proc = run_container_locally(f, 0)
     assert proc.returncode == EXIT_PERMANENT == f["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"][0]
     assert "generate shards 1 of 3" in proc.stderr
+
+
+# ---------------------------------------------------------------- rules the API server enforces
+
+# The longest BEIR names, as deterministic run ids (dataset + config hash) and at the 63-char limit.
+LONGEST_RUN_IDS = [
+    "cqadupstack-mathematica-3f9c2a7b41d0",
+    "cqadupstack-programmers-3f9c2a7b41d0",
+    "webis-touche2020-3f9c2a7b41d0",
+    "cqadupstack-programmers-" + "0123456789abcdef" * 2 + "0123456",  # 63 characters
+    "r" * 63,
+]
+
+
+def sharded(shards: int = 64) -> PipelineConfig:
+    return PipelineConfig().override({"generate.shards": shards, "negatives.shards": shards, "rerank.shards": shards})
+
+
+@pytest.mark.parametrize("run_id", LONGEST_RUN_IDS)
+def test_pod_hostnames_fit_at_the_longest_names_with_64_shards(run_id):
+    assert max(len(r) for r in LONGEST_RUN_IDS) == 63
+    jobs = plan_pipeline(sharded(64), f"gs://b/ws/runs/{run_id}")
+    names = set()
+    for job in jobs:
+        resumes = [None, [job.shards - 1], list(range(0, job.shards, 2))]
+        for attempt, indexes in [(0, None), (1, resumes[1]), (2, resumes[2]), (17, resumes[0]), (123, resumes[1])]:
+            m = render_job(job, run_id=run_id, namespace="inpars", image="i:cpu", queue="inpars", indexes=indexes, attempt=attempt)
+            name = m["metadata"]["name"]
+            hostname = f"{name}-{m['spec']['completions'] - 1}"
+            assert DNS1123.match(hostname) and len(hostname) <= 63, hostname
+            # Every pod of the stage's full shard count fits too (a resume Job never has more).
+            assert len(f"{name}-{job.shards - 1}") <= 63
+            assert name.endswith(f"-{job.stage}" + (f"-r{attempt}" if attempt else ""))
+            assert all(len(v) <= 63 for v in m["metadata"]["labels"].values())
+            assert m["metadata"]["annotations"]["inpars.io/run-id"] == run_id  # unabridged
+            names.add(name)
+            if attempt in (0, 1):  # the schemas too (a sample: they take a while)
+                kubernetes_validate.validate(m, VERSIONS[-1], strict=True)
+    assert len(names) == len(jobs) * 5  # every stage and attempt has its own name
+
+
+def test_validate_manifest_rejects_what_the_api_server_would():
+    job = plan_pipeline(sharded(64), "gs://b/r")[0]
+    good = render_job(job, run_id="cqadupstack-mathematica", namespace="n", image="i")
+    # The old budget (63 characters for the name alone): a valid name, but the last pod's hostname is not.
+    bad = copy.deepcopy(good)
+    bad["metadata"]["name"] = ("inpars-cqadupstack-mathematica-" + "x" * 63)[:54] + "-generate"
+    assert len(bad["metadata"]["name"]) == 63
+    kubernetes_validate.validate(bad, "1.35.0", strict=True)
+    with pytest.raises(ConfigError, match="hostname"):
+        validate_manifest(bad)
+    long_queue = copy.deepcopy(good)
+    long_queue["metadata"]["labels"][QUEUE_LABEL] = "q" * 64
+    with pytest.raises(ConfigError, match="label"):
+        validate_manifest(long_queue)
+    # --dry-run renders through the same checks: it fails before anything is submitted.
+    with pytest.raises(ConfigError, match="label"):
+        dry_run([job], run_id="r", namespace="n", image="i", queue="q" * 64)
+
+
+def test_deadlines_and_parallelism_cap():
+    cfg = sharded(16)
+    cfg.resources["generate"] = ResourcesConfig(cpu="4", memory="16Gi", active_deadline_seconds=7200, pending_deadline_seconds=600)
+    by_stage = {j.stage: j for j in plan_pipeline(cfg, "gs://b/r")}
+    gen = render_job(by_stage["generate"], run_id="r", namespace="n", image="i")
+    assert gen["spec"]["activeDeadlineSeconds"] == 7200
+    assert gen["metadata"]["annotations"]["inpars.io/pending-deadline-seconds"] == "600"
+    assert gen["spec"]["parallelism"] == 16  # default: every shard at once
+    assert render_job(by_stage["generate"], run_id="r", namespace="n", image="i", max_parallel_pods=4)["spec"]["parallelism"] == 4
+    neg = render_job(by_stage["negatives"], run_id="r", namespace="n", image="i")
+    assert neg["spec"]["activeDeadlineSeconds"] == 12 * 3600  # the stage's default
+    assert neg["metadata"]["annotations"]["inpars.io/pending-deadline-seconds"] == "3600"
+    with pytest.raises(ConfigError, match="active_deadline_seconds"):
+        ResourcesConfig.of(active_deadline_seconds=0)  # refused with the config, before rendering
+
+
+# ---------------------------------------------------------------- accelerators
+
+CHIPS_PER_HOST = [
+    # (accelerator, topology, chips, hosts, google.com/tpu per pod)
+    ("tpu-v5-lite-podslice", "1x1", 1, 1, 1),
+    ("tpu-v5-lite-podslice", "2x2", 4, 1, 4),
+    ("tpu-v5-lite-podslice", "2x4", 8, 1, 8),
+    ("tpu-v5-lite-podslice", "4x4", 16, 4, 4),
+    ("tpu-v5-lite-podslice", "16x16", 256, 64, 4),
+    ("tpu-v6e-slice", "1x1", 1, 1, 1),
+    ("tpu-v6e-slice", "2x4", 8, 1, 8),
+    ("tpu-v6e-slice", "4x8", 32, 8, 4),
+    ("tpu-v5p-slice", "2x2x1", 4, 1, 4),
+    ("tpu-v5p-slice", "2x2x2", 8, 2, 4),  # not google.com/tpu: 8 on one pod (that stays Pending for ever)
+    ("tpu-v5p-slice", "4x4x8", 128, 32, 4),
+    ("tpu-v4-podslice", "2x2x1", 4, 1, 4),
+    ("tpu-v4-podslice", "2x2x4", 16, 4, 4),
+]
+
+
+@pytest.mark.parametrize(("accelerator", "topology", "chips", "hosts", "per_pod"), CHIPS_PER_HOST)
+def test_chips_per_host_table(accelerator, topology, chips, hosts, per_pod):
+    s = tpu_slice(accelerator, topology)
+    assert (s.chips, s.hosts, s.chips_per_pod, s.multi_host) == (chips, hosts, per_pod, hosts > 1)
+
+
+def test_tpu_and_gpu_requests_that_never_schedule_are_refused():
+    for tpu_type, topology, message in [
+        ("tpu-v9-imaginary", "2x2", "unknown tpu_type"),
+        ("tpu-v5-lite-podslice", "2x2x1", "2 dimensions"),
+        ("tpu-v5p-slice", "2x2", "3 dimensions"),
+        ("tpu-v5-lite-podslice", "3x3", "no slice"),
+        ("tpu-v5p-slice", "2x2x3", "no slice"),
+        ("tpu-v4-podslice", "1x1x1", "no slice"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tpu_slice(tpu_type, topology)
+    kw = dict(run_id="r", namespace="n", image="i")
+    with pytest.raises(ConfigError, match="at most 8"):
+        render_job(StageJob("train", 1, ["x"], resources=ResourcesConfig(gpu=9, gpu_type="nvidia-l4")), **kw)
+    with pytest.raises(ConfigError, match="unknown gpu_type"):
+        render_job(StageJob("train", 1, ["x"], resources=ResourcesConfig(gpu=1, gpu_type="nvidia-l5")), **kw)
+    with pytest.raises(ConfigError, match="only train"):
+        render_job(StageJob("rerank", 2, ["x"], resources=ResourcesConfig(gpu=2, gpu_type="nvidia-l4")), **kw)
+
+
+@pytest.mark.parametrize(("accelerator", "topology", "chips", "hosts", "per_pod"), [c for c in CHIPS_PER_HOST if c[3] > 1])
+def test_multi_host_slices_render_a_jobset(accelerator, topology, chips, hosts, per_pod):
+    cfg = PipelineConfig()
+    cfg.resources["train"] = ResourcesConfig(cpu="8", memory="64Gi", tpu_type=accelerator, tpu_topology=topology)
+    [train] = [j for j in plan_pipeline(cfg, "gs://b/r") if j.stage == "train"]
+    with pytest.raises(ConfigError, match="several hosts"):
+        render_job(train, run_id="r", namespace="n", image="i")
+    for run_id, attempt in [("r-1", 0), (LONGEST_RUN_IDS[-1], 3)]:
+        m = render_stage(train, run_id=run_id, namespace="inpars", image="reg/inpars:cpu", queue="inpars", attempt=attempt)
+        validate_jobset(m)
+        validate_manifest(m)
+        assert m["metadata"]["labels"][QUEUE_LABEL] == "inpars" and m["spec"]["suspend"] is True
+        [rjob] = m["spec"]["replicatedJobs"]
+        assert rjob["replicas"] == 1
+        spec = rjob["template"]["spec"]
+        assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == hosts
+        assert spec["backoffLimit"] == 0 and "suspend" not in spec
+        pod = spec["template"]["spec"]
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": accelerator, "cloud.google.com/gke-tpu-topology": topology}
+        [c] = pod["containers"]
+        assert c["resources"]["limits"]["google.com/tpu"] == c["resources"]["requests"]["google.com/tpu"] == str(per_pod)
+        assert c["image"] == "reg/inpars:tpu"
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["INPARS_HOST_COUNT"] == str(hosts) and env["INPARS_SHARD_INDEXES"] == ",".join(["0"] * hosts)
+        assert env["PJRT_DEVICE"] == "TPU" and env["INPARS_DEVICE"] == "tpu"
+        # The JobSet webhook's name rule: <jobset>-slice-<job>-<pod>-<5 chars> is a DNS label.
+        assert len(f"{m['metadata']['name']}-slice-0-{hosts - 1}-abcde") <= 63
+        # Every host is told its shard the way a pod reads it.
+        for host in range(hosts):
+            assert shard_index_from_env(environ={**env, "JOB_COMPLETION_INDEX": str(host)}) == 0
+            assert host_from_env({**env, "JOB_COMPLETION_INDEX": str(host)}) == (host, hosts)
+    # A sharded stage cannot share one slice: refused with what to do instead.
+    cfg.resources["rerank"] = ResourcesConfig(cpu="8", memory="64Gi", tpu_type=accelerator, tpu_topology=topology)
+    [rerank] = [j for j in plan_pipeline(cfg.override({"rerank.shards": 2}), "gs://b/r") if j.stage == "rerank"]
+    with pytest.raises(ConfigError, match="one shard at a time"):
+        render_stage(rerank, run_id="r", namespace="n", image="i")
+
+
+def test_validate_jobset_is_strict():
+    cfg = PipelineConfig()
+    cfg.resources["train"] = ResourcesConfig(tpu_type="tpu-v5p-slice", tpu_topology="2x2x2")
+    [train] = [j for j in plan_pipeline(cfg, "gs://b/r") if j.stage == "train"]
+    good = render_stage(train, run_id="r", namespace="n", image="i")
+    validate_jobset(good)
+    for mutate in [
+        lambda m: m["spec"].update(replicatedJob=m["spec"]["replicatedJobs"]),  # a misspelt field
+        lambda m: m["spec"]["replicatedJobs"][0].update(replicas="1"),  # a string for an integer
+        lambda m: m["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0].update(imagee="x"),
+    ]:
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises(Exception):  # noqa: B017 - pydantic's ValidationError, or the round trip's AssertionError
+            validate_jobset(bad)
+
+
+def test_devices_and_the_multi_gpu_launch_command():
+    cpu, gpu, tpu = render_all("default"), render_all("gpu"), render_all("tpu")
+    assert {env_of(m)["INPARS_DEVICE"]["value"] for m in cpu} == {"cpu"}
+    by_stage = {m["metadata"]["labels"]["inpars.io/stage"]: m for m in gpu}
+    assert env_of(by_stage["train"])["INPARS_DEVICE"]["value"] == "cuda" and "PJRT_DEVICE" not in env_of(by_stage["train"])
+    train_tpu = next(m for m in tpu if m["metadata"]["labels"]["inpars.io/stage"] == "train")
+    assert env_of(train_tpu)["INPARS_DEVICE"]["value"] == "tpu" and env_of(train_tpu)["PJRT_DEVICE"]["value"] == "TPU"
+    # Several GPUs: the train pod runs the worker under torchrun, one process per GPU.
+    job = StageJob(
+        "train", 1, ["inpars", "worker", "train", "--run", "gs://b/r"], resources=ResourcesConfig(gpu=4, gpu_type="nvidia-h100-80gb")
+    )
+    assert launch_command(job) == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node=4",
+        "--no-python",
+        "inpars",
+        "worker",
+        "train",
+        "--run",
+        "gs://b/r",
+    ]
+    m = render_job(job, run_id="r", namespace="n", image="i:cpu")
+    assert container(m)["command"] == launch_command(job) and container(m)["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    one = StageJob("train", 1, ["inpars", "worker", "train"], resources=ResourcesConfig(gpu=1))
+    assert launch_command(one) == ["inpars", "worker", "train"]
+
+
+def test_the_shipped_kueue_queue_covers_every_accelerator():
+    docs = k8s_docs("kueue/kueue.yaml")
+    flavors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ResourceFlavor"}
+    [cq] = [d for d in docs if d["kind"] == "ClusterQueue"]
+    view = QueueView("inpars", cq, flavors)
+    for gpu_type in GPU_TYPES:
+        job = StageJob("generate", 4, ["x"], resources=ResourcesConfig(gpu=1, gpu_type=gpu_type), parallelism=4)
+        verdict = check_admission(render_job(job, run_id="r", namespace="n", image="i"), view)
+        assert verdict.fits, (gpu_type, verdict.problems)
+    for accelerator, topology, *_ in CHIPS_PER_HOST:
+        cfg = PipelineConfig()
+        cfg.resources["train"] = ResourcesConfig(cpu="8", memory="32Gi", tpu_type=accelerator, tpu_topology=topology)
+        [train] = [j for j in plan_pipeline(cfg, "gs://b/r") if j.stage == "train"]
+        verdict = check_admission(render_stage(train, run_id="r", namespace="n", image="i"), view)
+        if tpu_slice(accelerator, topology).chips <= 32:  # the shipped quota: 32 chips per generation
+            assert verdict.fits, (accelerator, topology, verdict.problems)
+        else:
+            assert not verdict.fits and "google.com/tpu" in verdict.explain("inpars")

@@ -44,10 +44,13 @@ def build_config(config: Path | None, sets: list[str]) -> PipelineConfig:
     return cfg.override(_parse_sets(sets)) if sets else cfg
 
 
-def _k8s_executor(namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig | None = None):
+def _k8s_executor(
+    namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig | None = None, max_parallel_pods: int | None = None
+):
     from .k8s import K8sExecutor
 
-    return K8sExecutor(namespace=namespace, image=image or (cfg.image if cfg else PipelineConfig().image), queue=queue)
+    image = image or (cfg.image if cfg else PipelineConfig().image)
+    return K8sExecutor(namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
 class K8sShards:
@@ -60,25 +63,46 @@ class K8sShards:
         from .k8s import JobFailedError
 
         try:
-            return self.executor.run_stage(job, run.run_id, list(shards), lambda p: console.print(str(p), highlight=False))
+            return self.executor.run_stage(job, run.run_id, list(shards), lambda p: console.print(str(p), highlight=False), workspace=run)
         except JobFailedError as e:
             raise StageFailed(str(e), permanent=False) from None
 
 
-def _executor(backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, cfg: PipelineConfig):
+def _executor(
+    backend: str,
+    *,
+    parallel: int,
+    namespace: str,
+    image: str | None,
+    queue: str | None,
+    cfg: PipelineConfig,
+    max_parallel_pods: int | None = None,
+):
     if backend == "local":
         from .local import LocalExecutor
 
         return LocalExecutor(max_parallel=parallel)
     if backend == "k8s":
-        return K8sShards(_k8s_executor(namespace, image, queue, cfg))
+        return K8sShards(_k8s_executor(namespace, image, queue, cfg, max_parallel_pods))
     raise InParsError(f"unknown backend {backend!r}: local | k8s")
 
 
-def _execute(run_, backend: str, *, parallel: int, namespace: str, image: str | None, queue: str | None, until: str | None = None):
+def _execute(
+    run_,
+    backend: str,
+    *,
+    parallel: int,
+    namespace: str,
+    image: str | None,
+    queue: str | None,
+    until: str | None = None,
+    max_parallel_pods: int | None = None,
+):
     """Drive the run; print the summary; exit 42 (permanent) or 75 (transient) when a stage failed."""
     started = time.monotonic()
-    executor = _executor(backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=run_.config)
+    executor = _executor(
+        backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=run_.config, max_parallel_pods=max_parallel_pods
+    )
     try:
         outcomes = drive(run_, executor, until=until, say=lambda text: console.print(text, highlight=False))
     except StageFailed as e:
@@ -144,6 +168,7 @@ def run(
     image: str | None = None,
     queue: str | None = typer.Option(None, help="Kueue LocalQueue name"),
     until: str | None = typer.Option(None, help="stop after this stage (resume continues later)"),
+    max_parallel_pods: int | None = typer.Option(None, help="k8s: at most this many pods of a stage at once (a Kueue queue may lower it)"),
 ):
     """Run every stage of a pipeline, stage after stage, and print the evaluation."""
     from ..workspace import Run
@@ -156,21 +181,28 @@ def run(
     if dry_run:
         if backend != "k8s":
             raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
-        from .k8s import render_job
+        from .k8s_manifests import dry_run as render_dry_run
         from .plan import plan_pipeline
 
         rid = run_id or f"{cfg.data.name}-dry-run"
         run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
-        docs = [
-            render_job(job, run_id=rid, namespace=namespace, image=image or cfg.image, queue=queue)
-            for job in plan_pipeline(cfg, run_uri, until=until)
-        ]
-        typer.echo(yaml.safe_dump_all(docs, sort_keys=False))
+        # Rendering validates each manifest as the API server would (names, hostnames, labels, quantities).
+        text = render_dry_run(
+            plan_pipeline(cfg, run_uri, until=until),
+            run_id=rid,
+            namespace=namespace,
+            image=image or cfg.image,
+            queue=queue,
+            max_parallel_pods=max_parallel_pods,
+        )
+        typer.echo(text)
         return
     preflight(cfg, runs_here=backend == "local")
     run_ = Run.create(workspace, cfg, run_id)
     console.print(f"run [bold]{run_.run_id}[/bold] at {run_.uri}")
-    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
+    _execute(
+        run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until, max_parallel_pods=max_parallel_pods
+    )
 
 
 @app.command()
@@ -228,6 +260,7 @@ def resume(
     image: str | None = None,
     queue: str | None = None,
     until: str | None = typer.Option(None, help="stop after this stage"),
+    max_parallel_pods: int | None = typer.Option(None, help="k8s: at most this many pods of a stage at once"),
 ):
     """Continue a run that stopped: only the shards missing from the workspace run again."""
     from ..workspace import Run
@@ -235,7 +268,9 @@ def resume(
     run_ = Run.open(run)
     if set_:
         run_.change_settings(_parse_sets(set_))
-    _execute(run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until)
+    _execute(
+        run_, backend, parallel=parallel, namespace=namespace, image=image, queue=queue, until=until, max_parallel_pods=max_parallel_pods
+    )
 
 
 @app.command()

@@ -1,22 +1,19 @@
-"""The Kubernetes backend: render :class:`StageJob`s as Indexed Jobs, submit, watch, resume, cancel.
+"""The Kubernetes executor: submit a run's stage Jobs, watch them, resume, report, cancel.
 
-One stage is one ``batch/v1`` Job with ``completionMode: Indexed``: pod *i* gets
-``JOB_COMPLETION_INDEX=i`` and runs the same ``inpars worker <stage> --run RUN`` command that the
-local executor runs. The workspace (a ``gs://`` prefix) is the truth about what is done; Jobs are
-only the means, so a launcher can die, restart, and pick its Jobs up again by label.
+Manifests come from :mod:`inpars.launch.k8s_manifests`. The workspace (a ``gs://`` prefix) is the
+truth about what is done; Jobs are only the means, so a launcher can die, restart, and pick its Jobs
+up again by label. What the executor asks the workspace is one question, :class:`CommittedShards`.
 
-Shard-index contract (read by the worker, see :func:`shard_from_env`):
+Watching: the watch API, reopened whenever a stream ends (server timeout, dropped connection, 410
+Gone); every ``check_interval`` seconds without news the Job is re-read and its pods looked at. Work
+that cannot start is reported, not shown as "running" for ever: pods Pending (ImagePullBackOff,
+Unschedulable, ...) or a Job left suspended by Kueue are shown with their reasons, and after the
+stage's pending deadline with no progress the Job is deleted and the stage fails with them.
 
-* ``JOB_COMPLETION_INDEX`` — set by Kubernetes (or the local executor): the completion index.
-* ``INPARS_SHARD_COUNT`` — always set: the stage's full shard count (the ``-of-N`` of shard names).
-* ``INPARS_SHARD_INDEXES`` — set only on resume Jobs, e.g. ``"3,7,9"``: completion index *i* runs
-  shard ``INPARS_SHARD_INDEXES[i]`` (an Indexed Job cannot pick arbitrary indexes, so a Job that
-  redoes only the missing shards has ``completions = len(missing)`` and maps through this list).
-
-Job-level choices (why): ``backoffLimitPerIndex`` retries each shard on its own;
-``podFailurePolicy`` ignores disruptions (preemption costs no retry) and fails a shard at once on
-:data:`inpars.errors.EXIT_PERMANENT`; ``podReplacementPolicy: Failed`` never runs two pods on one
-shard; ``maxFailedIndexes`` stops a Job that fails broadly instead of burning retries.
+A Job that disappears: a DELETED event of a finished Job (its TTL) counts as that finish; of an
+unfinished one, as a cancel. A Job found missing (404: the events were missed, e.g. the laptop slept
+through the TTL) makes the executor ask the workspace: committed -> go on; not committed -> submit
+it again (unless the Job was seen running less than a TTL ago: then someone deleted it).
 
 Tested against kmock (an in-memory API server without selectors, resourceVersions or PUT), so every
 list is also filtered client-side and every watch loop stops on its own terminal condition.
@@ -24,441 +21,44 @@ list is also filtered client-side and every watch loop stops on its own terminal
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import importlib.resources
-import math
-import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import yaml
-
-from ..config import ResourcesConfig
-from ..errors import EXIT_PERMANENT, ConfigError
+from ..errors import ConfigError
+from ..shards import SHARD_COUNT_ENV
+from . import kueue
+from .k8s_manifests import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_LABEL,
+    CONTAINER,
+    DEFAULT_PENDING_DEADLINE_SECONDS,
+    DEFAULT_SERVICE_ACCOUNT,
+    JOB_NAME_LABEL,
+    JOBSET_GROUP,
+    JOBSET_NAME_LABEL,
+    JOBSET_PLURAL,
+    JOBSET_VERSION,
+    PENDING_DEADLINE_ANNOTATION,
+    RUN_ANNOTATION,
+    RUN_LABEL,
+    SHARDS_ANNOTATION,
+    STAGE_LABEL,
+    format_indexes,
+    parse_indexes,
+    render_stage,
+    run_label,
+    stage_tpu_slice,
+)
 from .plan import StageJob
 
-# Labels and annotations the launcher writes and selects on.
-NAME_LABEL = "app.kubernetes.io/name"
-RUN_LABEL = "inpars.io/run-id"
-STAGE_LABEL = "inpars.io/stage"
-ATTEMPT_LABEL = "inpars.io/attempt"
-RUN_ANNOTATION = "inpars.io/run-id"  # the run id unabridged (a label value is at most 63 chars)
-SHARDS_ANNOTATION = "inpars.io/shard-indexes"  # the shards this Job runs, "3,7,9" or "0-63"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on pods by the Job controller
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-
-# The worker contract (see the module docstring).
-SHARD_INDEXES_ENV = "INPARS_SHARD_INDEXES"
-SHARD_COUNT_ENV = "INPARS_SHARD_COUNT"
-RUN_ID_ENV = "INPARS_RUN_ID"
-
-CONTAINER = "worker"
-DEFAULT_SERVICE_ACCOUNT = "inpars-runner"
-RUN_AS_USER = 1000  # the non-root user of the images (images/Dockerfile.*)
-
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+CANCELLED_ANNOTATION = "inpars.io/cancelled"  # set by cancel() just before deleting: not a TTL
 
 
 # --------------------------------------------------------------------------------------------
-# Names, labels, images
-
-
-def _slug(text: str, max_len: int) -> str:
-    """``text`` as lowercase ``[a-z0-9-]``, at most ``max_len``; a hash keeps lossy slugs distinct."""
-    slug = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", text.lower())).strip("-")
-    if slug == text and len(slug) <= max_len:
-        return slug
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    head = slug[: max_len - len(digest) - 1].rstrip("-")
-    return f"{head}-{digest}" if head else digest
-
-
-def run_label(run_id: str) -> str:
-    """The ``inpars.io/run-id`` label value for ``run_id`` (a valid label value, stable)."""
-    if not run_id:
-        raise ConfigError("the run id is empty")
-    return _slug(run_id, 63)
-
-
-def job_name(run_id: str, stage: str, attempt: int = 0) -> str:
-    """``inpars-<run>-<stage>[-r<attempt>]``: a DNS-1123 label of at most 63 characters."""
-    suffix = f"-{stage}" + (f"-r{attempt}" if attempt else "")
-    budget = 63 - len("inpars-") - len(suffix)
-    return f"inpars-{_slug(run_id, budget)}{suffix}"
-
-
-def image_variant(resources: ResourcesConfig) -> str:
-    """Which image a stage needs: ``tpu``, ``cuda`` or ``cpu``."""
-    if resources.tpu_type:
-        return "tpu"
-    return "cuda" if resources.gpu else "cpu"
-
-
-def image_for(image: str, resources: ResourcesConfig) -> str:
-    """The image for a stage: fills ``{variant}``, or swaps a ``:cpu``/``:cuda``/``:tpu`` tag.
-
-    A CPU image on a GPU node runs, silently, on the CPU; swapping the variant tag prevents that.
-    Any other image is used as given.
-    """
-    variant = image_variant(resources)
-    if "{variant}" in image:
-        return image.replace("{variant}", variant)
-    repo, sep, tag = image.rpartition(":")
-    if sep and "/" not in tag and tag in ("cpu", "cuda", "tpu"):
-        return f"{repo}:{variant}"
-    return image
-
-
-def format_indexes(indexes: Sequence[int]) -> str:
-    """``[1, 3, 4, 5]`` -> ``"1,3-5"`` (the Job status format)."""
-    parts: list[str] = []
-    values = sorted(set(indexes))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def parse_indexes(text: str | None) -> list[int]:
-    """``"1,3-5"`` -> ``[1, 3, 4, 5]`` (``status.completedIndexes`` / ``failedIndexes``)."""
-    out: list[int] = []
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-        except ValueError:
-            raise ConfigError(f"bad index list {text!r}") from None
-    return sorted(set(out))
-
-
-def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int | None]:
-    """``(shard index, shard count or None)`` for a worker, per the contract above.
-
-    A reference implementation of the worker side; ``inpars.shards`` owns the real one.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get("JOB_COMPLETION_INDEX")
-    if raw is None:
-        raise ConfigError("JOB_COMPLETION_INDEX is not set")
-    index = int(raw)
-    count = int(env[SHARD_COUNT_ENV]) if env.get(SHARD_COUNT_ENV) else None
-    mapping = env.get(SHARD_INDEXES_ENV)
-    if mapping:
-        shards = [int(x) for x in mapping.split(",")]
-        if not 0 <= index < len(shards):
-            raise ConfigError(f"JOB_COMPLETION_INDEX={index} is outside {SHARD_INDEXES_ENV}={mapping!r}")
-        index = shards[index]
-    return index, count
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
-
-
-def load_template(stage: str) -> dict[str, Any]:
-    """The per-stage pod extras in ``inpars/launch/templates/<stage>.yaml`` (package data)."""
-    res = importlib.resources.files("inpars.launch") / "templates" / f"{stage}.yaml"
-    if not res.is_file():
-        raise ConfigError(f"no Job template for stage {stage!r} (inpars/launch/templates/{stage}.yaml)")
-    data = yaml.safe_load(res.read_text(encoding="utf-8")) or {}
-    unknown = set(data) - {"job", "pod", "container"}
-    if unknown:
-        raise ConfigError(f"templates/{stage}.yaml: unknown section(s) {sorted(unknown)}")
-    return data
-
-
-def _merge(base: Any, over: Any) -> Any:
-    """Deep merge: mappings merge, lists append, ``over`` wins for scalars."""
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
-        for key, value in over.items():
-            out[key] = _merge(base[key], value) if key in base else value
-        return out
-    if isinstance(base, list) and isinstance(over, list):
-        return base + over
-    return over
-
-
-def _resources(r: ResourcesConfig, stage: str) -> tuple[Any, dict[str, str], list[Any]]:
-    """Container resources, node selector and tolerations for one stage."""
-    from kubernetes import client as k
-
-    requests = {"cpu": str(r.cpu), "memory": str(r.memory)}
-    limits = dict(requests)
-    selector: dict[str, str] = {}
-    tolerations = []
-    if r.gpu and r.tpu_type:
-        raise ConfigError(f"resources.{stage}: set gpu or tpu_type, not both")
-    if r.gpu_type and not r.gpu:
-        raise ConfigError(f"resources.{stage}: gpu_type={r.gpu_type!r} needs gpu >= 1")
-    if r.gpu:
-        limits["nvidia.com/gpu"] = str(int(r.gpu))
-        if r.gpu_type:
-            selector["cloud.google.com/gke-accelerator"] = r.gpu_type
-        tolerations.append(k.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"))
-    if r.tpu_type:
-        if not r.tpu_topology:
-            raise ConfigError(f"resources.{stage}: tpu_type needs tpu_topology (e.g. 2x2)")
-        try:
-            chips = math.prod(int(x) for x in r.tpu_topology.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"resources.{stage}: bad tpu_topology {r.tpu_topology!r}") from None
-        if chips > 8:
-            # One pod drives one host; a multi-host slice needs a JobSet (not supported here).
-            raise ConfigError(f"resources.{stage}: tpu_topology {r.tpu_topology} spans several hosts; use a single-host slice (<= 8 chips)")
-        requests["google.com/tpu"] = limits["google.com/tpu"] = str(chips)
-        selector["cloud.google.com/gke-tpu-accelerator"] = r.tpu_type
-        selector["cloud.google.com/gke-tpu-topology"] = r.tpu_topology
-        tolerations.append(k.V1Toleration(key="google.com/tpu", operator="Exists", effect="NoSchedule"))
-    return k.V1ResourceRequirements(requests=requests, limits=limits), selector, tolerations
-
-
-def render_job(
-    job: StageJob,
-    *,
-    run_id: str,
-    namespace: str,
-    image: str,
-    queue: str | None = None,
-    service_account: str = DEFAULT_SERVICE_ACCOUNT,
-    ttl_seconds: int = 86400,
-    indexes: Sequence[int] | None = None,
-    attempt: int = 0,
-    max_failed_indexes: int | None = None,
-) -> dict[str, Any]:
-    """One stage as an Indexed ``batch/v1`` Job, in wire form (what the API server takes).
-
-    ``indexes``: run only these shards (resume): ``completions = len(indexes)`` and the worker maps
-    its completion index through ``INPARS_SHARD_INDEXES``. ``attempt`` > 0 adds ``-r<attempt>`` to
-    the name so a resume Job never collides with the finished Job it follows. ``max_failed_indexes``
-    defaults to a quarter of the completions (at least 1): failed shards are redone on resume.
-    ``image`` may hold ``{variant}`` or a ``:cpu`` tag; see :func:`image_for`.
-    """
-    from kubernetes import client as k
-
-    if job.shards < 1:
-        raise ConfigError(f"stage {job.stage}: shards must be >= 1, got {job.shards}")
-    if indexes is not None:
-        shard_list = sorted(set(int(i) for i in indexes))
-        if not shard_list:
-            raise ConfigError(f"stage {job.stage}: no shard indexes to run")
-        bad = [i for i in shard_list if not 0 <= i < job.shards]
-        if bad:
-            raise ConfigError(f"stage {job.stage}: shard indexes {bad} are outside [0, {job.shards})")
-    else:
-        shard_list = list(range(job.shards))
-    completions = len(shard_list)
-    parallelism = max(1, min(job.parallelism or completions, completions))
-    if max_failed_indexes is None:
-        max_failed_indexes = max(1, completions // 4)
-    max_failed_indexes = min(max_failed_indexes, completions)
-
-    name = job_name(run_id, job.stage, attempt)
-    labels = {NAME_LABEL: "inpars", RUN_LABEL: run_label(run_id), STAGE_LABEL: job.stage, ATTEMPT_LABEL: str(attempt)}
-    job_labels = dict(labels)
-    if queue:
-        job_labels[QUEUE_LABEL] = queue
-
-    both = set(job.env) & set(job.secret_env)
-    if both:
-        raise ConfigError(f"stage {job.stage}: {sorted(both)} set both as plain env and as secret")
-    env = [k.V1EnvVar(name=var, value=str(value)) for var, value in job.env.items()]
-    env.append(k.V1EnvVar(name=SHARD_COUNT_ENV, value=str(job.shards)))
-    env.append(k.V1EnvVar(name=RUN_ID_ENV, value=run_id))
-    if indexes is not None:
-        env.append(k.V1EnvVar(name=SHARD_INDEXES_ENV, value=",".join(map(str, shard_list))))
-    for var, (secret, key) in job.secret_env.items():
-        # Keys travel by reference only: the manifest never holds a value.
-        ref = k.V1SecretKeySelector(name=secret, key=key)
-        env.append(k.V1EnvVar(name=var, value_from=k.V1EnvVarSource(secret_key_ref=ref)))
-
-    resources, node_selector, tolerations = _resources(job.resources, job.stage)
-    container = k.V1Container(
-        name=CONTAINER,
-        image=image_for(image, job.resources),
-        command=list(job.command),
-        env=env,
-        resources=resources,
-        security_context=k.V1SecurityContext(allow_privilege_escalation=False, capabilities=k.V1Capabilities(drop=["ALL"])),
-    )
-    pod = k.V1PodSpec(
-        containers=[container],
-        restart_policy="Never",
-        service_account_name=service_account,
-        node_selector=node_selector or None,
-        tolerations=tolerations or None,
-        security_context=k.V1PodSecurityContext(
-            run_as_non_root=True,
-            run_as_user=RUN_AS_USER,
-            run_as_group=RUN_AS_USER,
-            fs_group=RUN_AS_USER,
-            seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault"),
-        ),
-    )
-    failure_policy = k.V1PodFailurePolicy(
-        rules=[
-            # Preemption / eviction / node drain: retry without counting against backoffLimitPerIndex.
-            k.V1PodFailurePolicyRule(
-                action="Ignore",
-                on_pod_conditions=[k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")],
-            ),
-            # A permanent error (bad input/config) fails again on retry: fail this shard at once.
-            k.V1PodFailurePolicyRule(
-                action="FailIndex",
-                on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(container_name=CONTAINER, operator="In", values=[EXIT_PERMANENT]),
-            ),
-        ]
-    )
-    body = k.V1Job(
-        api_version="batch/v1",
-        kind="Job",
-        metadata=k.V1ObjectMeta(
-            name=name,
-            namespace=namespace,  # kmock (and kubectl apply -f) need it on the object itself
-            labels=job_labels,
-            annotations={RUN_ANNOTATION: run_id, SHARDS_ANNOTATION: format_indexes(shard_list)},
-        ),
-        spec=k.V1JobSpec(
-            completion_mode="Indexed",
-            completions=completions,
-            parallelism=parallelism,
-            backoff_limit_per_index=job.max_retries,
-            max_failed_indexes=max_failed_indexes,
-            pod_failure_policy=failure_policy,
-            pod_replacement_policy="Failed",
-            ttl_seconds_after_finished=ttl_seconds,
-            suspend=True if queue else None,  # Kueue admits (unsuspends) it when quota allows
-            template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels), spec=pod),
-        ),
-    )
-    manifest = k.ApiClient().sanitize_for_serialization(body)
-    manifest = _apply_template(manifest, load_template(job.stage))
-    validate_manifest(manifest)
-    return manifest
-
-
-def _apply_template(manifest: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
-    """Overlay the rendered Job on the stage template (the StageJob wins on conflicts)."""
-    out = copy.deepcopy(manifest)
-    spec = out["spec"]
-    for key, value in (template.get("job") or {}).items():
-        spec.setdefault(key, copy.deepcopy(value))
-    pod = spec["template"]["spec"]
-    spec["template"]["spec"] = _merge(copy.deepcopy(template.get("pod") or {}), {k: v for k, v in pod.items() if k != "containers"})
-    spec["template"]["spec"]["containers"] = pod["containers"]
-    extra = copy.deepcopy(template.get("container") or {})
-    container = pod["containers"][0]
-    rendered_env = container.get("env", [])
-    names = {e["name"] for e in rendered_env}
-    defaults = [e for e in extra.pop("env", []) if e["name"] not in names]
-    merged = _merge(extra, {k: v for k, v in container.items() if k != "env"})
-    merged["env"] = defaults + rendered_env
-    first = ("name", "image", "command", "args", "env", "resources", "volumeMounts")
-    pod["containers"][0] = {key: merged[key] for key in first if key in merged} | {
-        key: value for key, value in merged.items() if key not in first
-    }
-    return out
-
-
-def render_pipeline(jobs: Sequence[StageJob], **kwargs: Any) -> list[dict[str, Any]]:
-    """Every stage's Job (keyword arguments as for :func:`render_job`)."""
-    return [render_job(job, **kwargs) for job in jobs]
-
-
-def to_yaml(manifests: Sequence[Mapping[str, Any]]) -> str:
-    """Manifests as one multi-document YAML stream (``kubectl apply -f -`` takes it)."""
-    return "---\n".join(yaml.safe_dump(dict(m), sort_keys=False) for m in manifests)
-
-
-def dry_run(jobs: Sequence[StageJob], **kwargs: Any) -> str:
-    """What ``inpars-launch run --backend k8s --dry-run`` prints: every stage's Job as YAML."""
-    return to_yaml(render_pipeline(jobs, **kwargs))
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (what the JSON schemas do not check)
-
-
-def validate_manifest(obj: Mapping[str, Any]) -> None:
-    """Check names (DNS-1123), label keys/values, env names and quantities; raise :class:`ConfigError`.
-
-    ``kubernetes-validate`` checks structure; this checks the values the schemas leave open.
-    """
-    from kubernetes.utils.quantity import parse_quantity
-
-    errors: list[str] = []
-    kind = obj.get("kind", "?")
-    meta = obj.get("metadata") or {}
-    name = meta.get("name", "")
-    # Jobs (their name becomes a pod label value) and Services need DNS-1123 labels.
-    if kind in ("Job", "Namespace", "Service"):
-        if not (len(name) <= 63 and _DNS1123_LABEL.match(name)):
-            errors.append(f"metadata.name {name!r} is not a DNS-1123 label (<= 63 chars, [a-z0-9-])")
-    elif not (len(name) <= 253 and _DNS1123_SUBDOMAIN.match(name)):
-        errors.append(f"metadata.name {name!r} is not a DNS-1123 subdomain")
-
-    def check_labels(labels: Mapping[str, Any] | None, where: str) -> None:
-        for key, value in (labels or {}).items():
-            prefix, _, lname = key.rpartition("/")
-            if prefix and not (len(prefix) <= 253 and _DNS1123_SUBDOMAIN.match(prefix)):
-                errors.append(f"{where}: label key {key!r} has a bad prefix")
-            if not (len(lname) <= 63 and _LABEL_NAME.match(lname)):
-                errors.append(f"{where}: label key {key!r} is not a valid name")
-            if not isinstance(value, str) or len(value) > 63 or (value and not _LABEL_NAME.match(value)):
-                errors.append(f"{where}: label {key}={value!r} is not a valid label value")
-
-    def quantity(value: Any, where: str) -> None:
-        try:
-            parse_quantity(value)
-        except (ValueError, TypeError, ArithmeticError):
-            errors.append(f"{where}: {value!r} is not a quantity")
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("metadata"), dict):
-                check_labels(node["metadata"].get("labels"), f"{path}.metadata.labels")
-            for key in ("containers", "initContainers"):
-                for i, c in enumerate(node.get(key) or []):
-                    where = f"{path}.{key}[{i}]"
-                    if not _DNS1123_LABEL.match(c.get("name", "")):
-                        errors.append(f"{where}.name {c.get('name')!r} is not a DNS-1123 label")
-                    for section in ("requests", "limits"):
-                        for res, value in ((c.get("resources") or {}).get(section) or {}).items():
-                            quantity(value, f"{where}.resources.{section}.{res}")
-                    for e in c.get("env") or []:
-                        if not _ENV_NAME.match(e.get("name", "")):
-                            errors.append(f"{where}.env: bad variable name {e.get('name')!r}")
-            if "sizeLimit" in node:
-                quantity(node["sizeLimit"], f"{path}.sizeLimit")
-            for key, value in node.items():
-                walk(value, f"{path}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{path}[{i}]")
-
-    walk(dict(obj), kind)
-    if errors:
-        raise ConfigError(f"{kind} {name!r}: " + "; ".join(errors))
-
-
-# --------------------------------------------------------------------------------------------
-# Watching and the executor
+# Progress and errors
 
 
 @dataclass
@@ -476,6 +76,8 @@ class JobProgress:
     state: str = "running"  # queued | running | complete | failed
     reason: str | None = None
     message: str | None = None
+    kind: str = "Job"  # Job | JobSet
+    waiting: list[str] = field(default_factory=list)  # why pods are Pending / the Job is queued
 
     @property
     def finished(self) -> bool:
@@ -485,19 +87,32 @@ class JobProgress:
         text = f"{self.stage}: {len(self.completed)}/{len(self.shards)} shards done, {self.active} running"
         if self.failed:
             text += f", failed shards {format_indexes(self.failed)}"
-        return f"{text} [{self.state}]"
+        text += f" [{self.state}]"
+        if self.waiting and not self.finished:
+            text += " waiting: " + "; ".join(self.waiting[:3])
+        return text
+
+
+def _containers(pod_template: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return ((pod_template.get("spec") or {}).get("containers")) or [{}]
 
 
 def progress_of(obj: Mapping[str, Any]) -> JobProgress:
-    """A :class:`JobProgress` from a Job in wire form."""
+    """A :class:`JobProgress` from a Job or JobSet in wire form."""
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
+    kind = obj.get("kind") or "Job"
+    if kind == "JobSet":
+        rjobs = spec.get("replicatedJobs") or [{}]
+        job_spec = (rjobs[0].get("template") or {}).get("spec") or {}
+    else:
+        job_spec = spec
     shards = parse_indexes(annotations.get(SHARDS_ANNOTATION)) or list(range(spec.get("completions") or 1))
     count = spec.get("completions") or len(shards)
-    for e in (((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}])[0].get("env") or []:
+    for e in _containers(job_spec.get("template") or {})[0].get("env") or []:
         if e.get("name") == SHARD_COUNT_ENV and e.get("value"):
             count = int(e["value"])
 
@@ -510,18 +125,26 @@ def progress_of(obj: Mapping[str, Any]) -> JobProgress:
         run_id=annotations.get(RUN_ANNOTATION) or labels.get(RUN_LABEL, ""),
         shard_count=count,
         shards=shards,
-        completed=real(status.get("completedIndexes")),
-        failed=real(status.get("failedIndexes")),
-        active=status.get("active") or 0,
         state="queued" if spec.get("suspend") else "running",
+        kind=kind,
     )
+    if kind == "JobSet":
+        progress.active = sum(int(r.get("active") or 0) for r in status.get("replicatedJobsStatus") or [])
+    else:
+        progress.completed = real(status.get("completedIndexes"))
+        progress.failed = real(status.get("failedIndexes"))
+        progress.active = status.get("active") or 0
     for cond in status.get("conditions") or []:
         if str(cond.get("status")) != "True":
             continue
-        if cond.get("type") == "Complete":
+        if cond.get("type") in ("Complete", "Completed"):
             progress.state = "complete"
+            if kind == "JobSet":
+                progress.completed = list(shards)
         elif cond.get("type") == "Failed":
             progress.state, progress.reason, progress.message = "failed", cond.get("reason"), cond.get("message")
+            if kind == "JobSet":
+                progress.failed = list(shards)
     return progress
 
 
@@ -531,7 +154,7 @@ class JobFailedError(RuntimeError):
     def __init__(self, progress: JobProgress, logs: Mapping[int, str]):
         self.progress, self.logs = progress, dict(logs)
         p = progress
-        lines = [f"stage {p.stage!r} failed (Job {p.name}): " + (p.reason or "Failed") + (f": {p.message}" if p.message else "")]
+        lines = [f"stage {p.stage!r} failed ({p.kind} {p.name}): " + (p.reason or "Failed") + (f": {p.message}" if p.message else "")]
         if p.failed:
             lines.append(f"failed shards: {format_indexes(p.failed)} of {p.shard_count}")
         for shard, text in sorted(self.logs.items()):
@@ -541,21 +164,195 @@ class JobFailedError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-class WorkspaceRun(Protocol):
-    """What :meth:`K8sExecutor.run_pipeline` needs from ``inpars.workspace.Run``."""
+class JobDeletedError(JobFailedError):
+    """The Job was deleted before it finished: cancelled (``inpars-launch cancel``) or by hand."""
+
+
+class JobMissingError(JobFailedError):
+    """The Job is gone (404) and its end was not seen: ``last_seen`` (the executor's clock) is when
+    it was last seen unfinished, None if never."""
+
+    def __init__(self, progress: JobProgress, last_seen: float | None):
+        self.last_seen = last_seen
+        super().__init__(progress, {})
+
+
+class JobStuckError(JobFailedError):
+    """The Job made no progress for its pending deadline: pods Pending or the Job left queued."""
+
+
+class CommittedShards(Protocol):
+    """What the executor asks the workspace (``inpars.workspace.Run`` answers it): which shards of a
+    stage are not committed yet."""
 
     def missing_shards(self, stage: str, n: int) -> list[int]: ...
+
+
+WorkspaceRun = CommittedShards  # the name run_pipeline's callers know
+
+
+def pod_waiting_reason(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod has not started (``ImagePullBackOff: ...``, ``Unschedulable: ...``), None if it has."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+            return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and str(cond.get("status")) == "False":
+            return f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
+    return "Pending"
 
 
 def _wire(api_client: Any, obj: Any) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else api_client.sanitize_for_serialization(obj)
 
 
+# --------------------------------------------------------------------------------------------
+# Job and JobSet, behind one small interface
+
+
+class _Jobs:
+    """batch/v1 Jobs in one namespace."""
+
+    kind = "Job"
+
+    def __init__(self, api: Any, namespace: str):
+        from kubernetes import client
+
+        self.api, self.namespace = api, namespace
+        self.batch = client.BatchV1Api(api)
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self.batch.create_namespaced_job(self.namespace, manifest)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return _wire(self.api, self.batch.read_namespaced_job(name, self.namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, selector: str) -> list[dict[str, Any]]:
+        return [_wire(self.api, o) for o in self.batch.list_namespaced_job(self.namespace, label_selector=selector).items]
+
+    def stream(self, name: str, timeout: int, read_timeout: float) -> Iterator[tuple[str, dict[str, Any]]]:
+        from kubernetes import watch
+
+        w = watch.Watch()
+        try:
+            for event in w.stream(
+                self.batch.list_namespaced_job,
+                self.namespace,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=timeout,
+                _request_timeout=(10, read_timeout),
+            ):
+                yield event["type"], _wire(self.api, event["object"])
+        finally:
+            w.stop()
+
+    def patch(self, name: str, body: dict[str, Any]) -> None:
+        self.batch.patch_namespaced_job(name, self.namespace, body)
+
+    def delete(self, name: str) -> None:
+        self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
+
+    def pod_selector(self, name: str) -> tuple[str, str]:
+        return JOB_NAME_LABEL, name
+
+
+class _JobSets(_Jobs):
+    """jobset.x-k8s.io JobSets in one namespace (CustomObjectsApi); none when the CRD is absent."""
+
+    kind = "JobSet"
+
+    def __init__(self, api: Any, namespace: str):
+        from kubernetes import client
+
+        self.api, self.namespace = api, namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.args = (JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL)
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(*self.args, manifest)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(*self.args, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, selector: str) -> list[dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.list_namespaced_custom_object(*self.args, label_selector=selector).get("items") or []
+        except ApiException as exc:
+            if exc.status in (403, 404):  # JobSet not installed, or not granted: none of ours
+                return []
+            raise
+
+    def stream(self, name: str, timeout: int, read_timeout: float) -> Iterator[tuple[str, dict[str, Any]]]:
+        from kubernetes import watch
+
+        w = watch.Watch()
+        try:
+            for event in w.stream(
+                self.custom.list_namespaced_custom_object,
+                *self.args,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=timeout,
+                _request_timeout=(10, read_timeout),
+            ):
+                yield event["type"], event["object"]
+        finally:
+            w.stop()
+
+    def patch(self, name: str, body: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(*self.args, name, body)
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(*self.args, name, propagation_policy="Background")
+
+    def pod_selector(self, name: str) -> tuple[str, str]:
+        return JOBSET_NAME_LABEL, name
+
+
+@dataclass
+class _Watched:
+    """What one watch has seen, on the executor's clock."""
+
+    started: float
+    last_progress: float  # when a pod last ran or a shard last completed
+    last_seen: float | None = None  # when the Job was last seen unfinished
+    last_check: float = 0.0
+    completed: int = -1
+
+
+# --------------------------------------------------------------------------------------------
+# The executor
+
+
 class K8sExecutor:
     """Submits, watches, resumes and cancels a run's stage Jobs in one namespace.
 
     ``api_client``: a configured ``kubernetes.client.ApiClient``; default: the kubeconfig, else the
-    in-cluster service account.
+    in-cluster service account. ``queue``: a Kueue LocalQueue; each Job is checked against it before
+    submission (:mod:`inpars.launch.kueue`). ``max_parallel_pods``: a run-wide cap on any Job's
+    ``parallelism``. ``check_interval``: how often an idle watch re-reads the Job and its pods;
+    ``poll_interval``: the pause before reconnecting a failed watch. ``clock``: wall time by default,
+    because the monotonic clocks stand still while a laptop sleeps, and a sleep through a Job's TTL
+    is what tells an expired Job from a deleted one.
     """
 
     def __init__(
@@ -569,6 +366,12 @@ class K8sExecutor:
         ttl_seconds: int = 86400,
         watch_timeout: int = 300,
         log_lines: int = 30,
+        max_parallel_pods: int | None = None,
+        check_interval: float = 30.0,
+        poll_interval: float = 5.0,
+        resubmits: int = 2,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         from kubernetes import client
 
@@ -577,17 +380,29 @@ class K8sExecutor:
 
             kube_config.load_config()  # kubeconfig, else in-cluster
             api_client = client.ApiClient()
+        if max_parallel_pods is not None and max_parallel_pods < 1:
+            raise ConfigError(f"max_parallel_pods must be >= 1, got {max_parallel_pods}")
         self.namespace, self.image, self.queue = namespace, image, queue
         self.service_account, self.ttl_seconds = service_account, ttl_seconds
         self.watch_timeout, self.log_lines = watch_timeout, log_lines
+        self.max_parallel_pods = max_parallel_pods
+        self.check_interval, self.poll_interval, self.resubmits = check_interval, poll_interval, resubmits
+        self.say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.clock = clock
         self.api = api_client
-        self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.jobs, self.jobsets = _Jobs(api_client, namespace), _JobSets(api_client, namespace)
+
+    def _kinds(self, kind: str | None = None) -> list[_Jobs]:
+        return [k for k in (self.jobs, self.jobsets) if kind is None or k.kind == kind]
 
     # -- rendering and submission ------------------------------------------------------------
 
-    def render(self, job: StageJob, run_id: str, *, indexes: Sequence[int] | None = None, attempt: int = 0) -> dict[str, Any]:
-        return render_job(
+    def render(
+        self, job: StageJob, run_id: str, *, indexes: Sequence[int] | None = None, attempt: int = 0, max_parallel_pods: int | None = None
+    ) -> dict[str, Any]:
+        return render_stage(
             job,
             run_id=run_id,
             namespace=self.namespace,
@@ -597,128 +412,223 @@ class K8sExecutor:
             ttl_seconds=self.ttl_seconds,
             indexes=indexes,
             attempt=attempt,
+            max_parallel_pods=max_parallel_pods or self.max_parallel_pods,
+        )
+
+    def admissible(self, job: StageJob, run_id: str, *, indexes: Sequence[int] | None = None, attempt: int = 0) -> dict[str, Any]:
+        """The manifest to submit, checked against the Kueue queue (if any).
+
+        A Job that can never be admitted raises :class:`~inpars.launch.kueue.QueueRefusedError`. If
+        only its pod count is too large and the stage's parallelism was not set explicitly, it is
+        rendered again with the largest parallelism the queue can admit.
+        """
+        manifest = self.render(job, run_id, indexes=indexes, attempt=attempt)
+        if not self.queue:
+            return manifest
+        view = kueue.read_queue(self.custom, self.namespace, self.queue)
+        if view is None:
+            self.say(f"{job.stage}: cannot read Kueue queue {self.queue!r} (RBAC); its admission is not checked")
+            return manifest
+        verdict = kueue.check_admission(manifest, view)
+        if verdict.fits:
+            return manifest
+        explicit = job.resources.parallelism is not None
+        if not verdict.problems and manifest["kind"] == "Job" and not explicit and verdict.max_pods:
+            before = manifest["spec"]["parallelism"]
+            manifest = self.render(job, run_id, indexes=indexes, attempt=attempt, max_parallel_pods=verdict.max_pods)
+            self.say(
+                f"{job.stage}: parallelism {before} -> {verdict.max_pods}: the most pods ClusterQueue {view.name} can admit at once "
+                f"({verdict.limited_by})"
+            )
+            return manifest
+        hint = ""
+        if not verdict.problems and verdict.max_pods:
+            hint = f"; set resources.{job.stage}.parallelism <= {verdict.max_pods}"
+        raise kueue.QueueRefusedError(
+            f"stage {job.stage}: queue {self.queue!r} can never admit {manifest['kind']} {manifest['metadata']['name']}: "
+            f"{verdict.explain(view.name)}{hint}"
         )
 
     def submit(self, job: StageJob, run_id: str, *, indexes: Sequence[int] | None = None, attempt: int = 0) -> str:
-        """Create the stage's Job and return its name; adopt it if it already exists (a restarted launcher)."""
+        """Create the stage's Job (or JobSet) and return its name; adopt it if it already exists."""
         from kubernetes.client.exceptions import ApiException
 
-        manifest = self.render(job, run_id, indexes=indexes, attempt=attempt)
+        manifest = self.admissible(job, run_id, indexes=indexes, attempt=attempt)
         name = manifest["metadata"]["name"]
+        kind = self._kinds(manifest["kind"])[0]
         try:
-            self.batch.create_namespaced_job(self.namespace, manifest)
+            kind.create(manifest)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            existing = self._get(name)
+            existing = kind.get(name) or {}
             labels = existing.get("metadata", {}).get("labels") or {}
             if labels.get(RUN_LABEL) != run_label(run_id) or labels.get(STAGE_LABEL) != job.stage:
-                raise ConfigError(f"Job {name} exists in {self.namespace} but belongs to another run/stage") from None
+                raise ConfigError(f"{kind.kind} {name} exists in {self.namespace} but belongs to another run/stage") from None
         return name
 
-    def _get(self, name: str) -> dict[str, Any]:
-        return _wire(self.api, self.batch.read_namespaced_job(name, self.namespace))
-
     def find_jobs(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
-        """The run's Jobs (optionally of one stage), oldest attempt first."""
+        """The run's Jobs and JobSets (optionally of one stage), oldest attempt first."""
         selector = f"{RUN_LABEL}={run_label(run_id)}" + (f",{STAGE_LABEL}={stage}" if stage else "")
-        items = self.batch.list_namespaced_job(self.namespace, label_selector=selector).items
-        jobs = []
-        for obj in items:  # filter again: selectors are ignored by kmock (and cheap to re-check)
-            o = _wire(self.api, obj)
-            labels = o.get("metadata", {}).get("labels") or {}
-            if labels.get(RUN_LABEL) == run_label(run_id) and (stage is None or labels.get(STAGE_LABEL) == stage):
-                jobs.append(o)
+        found = []
+        for kind in self._kinds():
+            for o in kind.list(selector):  # filter again: selectors are ignored by kmock (and cheap to re-check)
+                o.setdefault("kind", kind.kind)
+                labels = o.get("metadata", {}).get("labels") or {}
+                if labels.get(RUN_LABEL) == run_label(run_id) and (stage is None or labels.get(STAGE_LABEL) == stage):
+                    found.append(o)
         return sorted(
-            jobs, key=lambda o: (o["metadata"]["labels"].get(STAGE_LABEL, ""), int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0")))
+            found, key=lambda o: (o["metadata"]["labels"].get(STAGE_LABEL, ""), int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0")))
         )
 
     # -- watching -----------------------------------------------------------------------------
 
-    def watch(self, job_name: str, on_progress: Callable[[JobProgress], None] | None = None) -> JobProgress:
-        """Follow one Job until it completes (returns) or fails (raises :class:`JobFailedError`).
+    def watch(self, job_name: str, on_progress: Callable[[JobProgress], None] | None = None, *, kind: str = "Job") -> JobProgress:
+        """Follow one Job (or JobSet) until it completes (returns) or fails (raises :class:`JobFailedError`).
 
-        Uses the watch API; a stream that ends (server timeout, dropped connection, 410 Gone) is
-        simply reopened. The loop ends on the Job's own terminal condition, never on a timeout,
-        because kmock's (and some proxies') watches ignore ``timeoutSeconds``.
+        Raises :class:`JobDeletedError` if it is deleted unfinished, :class:`JobMissingError` if it
+        is found gone (404) without its end seen, :class:`JobStuckError` after its pending deadline
+        without progress (the Job is deleted then).
         """
-        from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ReadTimeoutError
 
+        res = self._kinds(kind)[0]
+        now = self.clock()
+        state = _Watched(started=now, last_progress=now)
         last: JobProgress | None = None
 
-        def seen(obj: Mapping[str, Any]) -> JobProgress:
+        def seen(obj: Mapping[str, Any], waiting: list[str] | None = None) -> JobProgress:
             nonlocal last
+            obj = {**obj, "kind": obj.get("kind") or res.kind}
             progress = progress_of(obj)
-            key = (progress.state, progress.completed, progress.failed, progress.active)
-            if on_progress is not None and (last is None or key != (last.state, last.completed, last.failed, last.active)):
+            progress.waiting = list(waiting if waiting is not None else (last.waiting if last and not progress.finished else []))
+            key = (progress.state, progress.completed, progress.failed, progress.active, progress.waiting)
+            if on_progress is not None and (last is None or key != (last.state, last.completed, last.failed, last.active, last.waiting)):
                 on_progress(progress)
+            if not progress.finished:
+                state.last_seen = self.clock()
             last = progress
             return progress
 
-        progress = seen(self._get(job_name))  # already finished? (e.g. an adopted Job)
+        def missing() -> JobMissingError:
+            gone = last or JobProgress(job_name, "", "", 0, [], kind=res.kind)
+            gone.state, gone.reason = "failed", "NotFound"
+            gone.message = f"the {res.kind} is gone (deleted, or removed by its TTL after it finished)"
+            return JobMissingError(gone, state.last_seen)
+
+        obj = res.get(job_name)
+        if obj is None:
+            raise missing()
+        progress = seen(obj)
         while not progress.finished:
-            w = watch.Watch()
+            progress = self._check_pods(res, obj, progress, state, seen)
             try:
-                for event in w.stream(
-                    self.batch.list_namespaced_job,
-                    self.namespace,
-                    field_selector=f"metadata.name={job_name}",
-                    timeout_seconds=self.watch_timeout,
-                    _request_timeout=self.watch_timeout + 30,
-                ):
-                    obj = _wire(self.api, event["object"])
-                    if event["type"] == "ERROR" or obj.get("metadata", {}).get("name") != job_name:
+                for etype, event_obj in res.stream(job_name, self.watch_timeout, self.check_interval):
+                    if etype == "ERROR" or event_obj.get("metadata", {}).get("name") != job_name:
                         continue
-                    if event["type"] == "DELETED":
-                        gone = progress_of(obj) if obj.get("spec") else progress
-                        gone.state, gone.reason, gone.message = "failed", "Deleted", "the Job was deleted (cancelled?)"
-                        raise JobFailedError(gone, {})
+                    if etype == "DELETED":
+                        final = progress_of({**event_obj, "kind": res.kind}) if event_obj.get("spec") else progress
+                        if final.finished:  # its TTL, after it finished: that finish counts
+                            progress = seen(event_obj)
+                            break
+                        cancelled = (event_obj.get("metadata", {}).get("annotations") or {}).get(CANCELLED_ANNOTATION)
+                        final.state, final.reason = "failed", "Deleted"
+                        final.message = f"the {res.kind} was deleted " + ("(cancelled)" if cancelled else "before it finished (by hand?)")
+                        raise JobDeletedError(final, {})
+                    obj = event_obj
                     progress = seen(obj)
-                    if progress.finished:
+                    if progress.finished or self.clock() - state.last_check >= self.check_interval:
                         break
             except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: our resourceVersion expired; re-list below
-                    raise
+                if exc.status != 410:  # 410 Gone: our resourceVersion expired; re-read and watch again
+                    self.say(f"{job_name}: watch failed ({exc.status} {exc.reason}); reconnecting")
+                time.sleep(self.poll_interval if exc.status != 410 else min(self.poll_interval, 1.0))
+            except ReadTimeoutError:
+                pass  # no event for check_interval: re-read and look at the pods
+            except JobFailedError:
+                raise
             except Exception as exc:  # a dropped stream: re-read the Job and watch again
-                if isinstance(exc, JobFailedError):
-                    raise
-                time.sleep(1)
-            finally:
-                w.stop()
+                self.say(f"{job_name}: watch stream dropped ({exc.__class__.__name__}); reconnecting")
+                time.sleep(self.poll_interval)
             if not progress.finished:
-                progress = seen(self._get(job_name))
+                fresh = res.get(job_name)
+                if fresh is None:
+                    raise missing()
+                obj = fresh
+                progress = seen(obj)
         if progress.state == "failed":
-            raise JobFailedError(progress, self._failed_logs(job_name, progress))
+            raise JobFailedError(progress, self._failed_logs(res, job_name, progress))
         return progress
 
-    def _pods(self, job_name: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={job_name}").items
+    def _check_pods(self, res: _Jobs, obj: Mapping[str, Any], progress: JobProgress, state: _Watched, seen: Callable) -> JobProgress:
+        """Every ``check_interval``: why pods wait; fail the stage when nothing moved for its pending deadline."""
+        now = self.clock()
+        if now - state.last_check < self.check_interval:
+            return progress
+        state.last_check = now
+        if len(progress.completed) > state.completed:
+            state.completed, state.last_progress = len(progress.completed), now
+        waiting: list[str] = []
+        if progress.state == "queued":
+            waiting = kueue.workload_messages(self.custom, self.namespace, progress.name) or ["suspended: waiting for Kueue to admit it"]
+        else:
+            pods = self._pods(res, progress.name)
+            if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded") for p in pods):
+                state.last_progress = now
+            reasons: dict[str, list[str]] = {}
+            for pod in pods:
+                why = pod_waiting_reason(pod)
+                if why is not None:
+                    reasons.setdefault(why, []).append(pod["metadata"]["name"])
+            waiting = [f"{len(names)} pod(s) {why} ({', '.join(sorted(names)[:3])})" for why, names in sorted(reasons.items())]
+            if not pods and not progress.completed:
+                waiting = ["no pods created yet"]
+        progress = seen(obj, waiting)
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        deadline = float(annotations.get(PENDING_DEADLINE_ANNOTATION) or DEFAULT_PENDING_DEADLINE_SECONDS)
+        if waiting and now - state.last_progress > deadline:
+            self._delete(res, progress.name)
+            progress.state, progress.reason = "failed", "Stuck"
+            progress.message = (
+                f"no progress for {now - state.last_progress:.0f} s (pending deadline {deadline:.0f} s): "
+                + "; ".join(waiting)
+                + f". The {res.kind} was deleted; fix the cause (or raise resources.{progress.stage}.pending_deadline_seconds)"
+            )
+            raise JobStuckError(progress, {})
+        return progress
+
+    def _pods(self, res: _Jobs, name: str) -> list[dict[str, Any]]:
+        key, value = res.pod_selector(name)
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{key}={value}").items
         out = [_wire(self.api, p) for p in pods]
-        return [p for p in out if (p.get("metadata", {}).get("labels") or {}).get(JOB_NAME_LABEL) == job_name]
+        return [p for p in out if (p.get("metadata", {}).get("labels") or {}).get(key) == value]
 
     def _pod_log(self, pod: str, tail_lines: int | None) -> str:
         # Raw bytes: the typed path cannot decode every server's content type (kmock: octet-stream).
         resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER, tail_lines=tail_lines, _preload_content=False)
         return resp.data.decode("utf-8", errors="replace")
 
-    def _failed_logs(self, job_name: str, progress: JobProgress) -> dict[int, str]:
+    def _pod_shard(self, res: _Jobs, pod: Mapping[str, Any], progress: JobProgress) -> int | None:
+        if res.kind == "JobSet":  # every host runs the JobSet's one shard
+            return progress.shards[0] if progress.shards else None
+        meta = pod.get("metadata", {})
+        raw = (meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or (meta.get("annotations") or {}).get(COMPLETION_INDEX_LABEL)
+        if raw is None or not raw.isdigit() or int(raw) >= len(progress.shards):
+            return None
+        return progress.shards[int(raw)]
+
+    def _failed_logs(self, res: _Jobs, job_name: str, progress: JobProgress) -> dict[int, str]:
         """The log tail of the newest pod of each failed shard (best effort: logs may be gone)."""
         try:
-            pods = self._pods(job_name)
+            pods = self._pods(res, job_name)
         except Exception:
             return {}
         newest: dict[int, dict[str, Any]] = {}
         for pod in pods:
-            meta = pod.get("metadata", {})
-            raw = (meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or (meta.get("annotations") or {}).get(
-                "batch.kubernetes.io/job-completion-index"
-            )
-            if raw is None or not raw.isdigit() or int(raw) >= len(progress.shards):
-                continue
-            shard = progress.shards[int(raw)]
-            if shard in progress.failed:
-                stamp = meta.get("creationTimestamp") or ""
+            shard = self._pod_shard(res, pod, progress)
+            if shard is not None and shard in progress.failed:
+                stamp = pod["metadata"].get("creationTimestamp") or ""
                 if shard not in newest or str(stamp) >= str(newest[shard]["metadata"].get("creationTimestamp") or ""):
                     newest[shard] = pod
         logs = {}
@@ -728,6 +638,17 @@ class K8sExecutor:
             except Exception as exc:
                 logs[shard] = f"(log unavailable: {exc.__class__.__name__})"
         return logs
+
+    def _delete(self, res: _Jobs, name: str) -> None:
+        """Delete, marked as ours first, so a watcher elsewhere sees a cancel rather than a TTL."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            res.patch(name, {"metadata": {"annotations": {CANCELLED_ANNOTATION: "true"}}})
+            res.delete(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     # -- run-level commands --------------------------------------------------------------------
 
@@ -746,9 +667,9 @@ class K8sExecutor:
         out: dict[str, tuple[int | None, str]] = {}
         for obj in self.find_jobs(run_id, stage):
             progress = progress_of(obj)
-            for pod in self._pods(obj["metadata"]["name"]):
-                raw = (pod["metadata"].get("labels") or {}).get(COMPLETION_INDEX_LABEL)
-                shard = progress.shards[int(raw)] if raw and raw.isdigit() and int(raw) < len(progress.shards) else None
+            res = self._kinds(obj.get("kind", "Job"))[0]
+            for pod in self._pods(res, obj["metadata"]["name"]):
+                shard = self._pod_shard(res, pod, progress)
                 if index is None or shard == index:
                     out[pod["metadata"]["name"]] = (shard, self._pod_log(pod["metadata"]["name"], tail_lines))
         return out
@@ -765,17 +686,10 @@ class K8sExecutor:
 
     def cancel(self, run_id: str) -> list[str]:
         """Delete the run's Jobs and their pods (the workspace keeps every committed shard)."""
-        from kubernetes.client.exceptions import ApiException
-
         names = []
         for obj in self.find_jobs(run_id):
-            name = obj["metadata"]["name"]
-            try:
-                self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-            names.append(name)
+            self._delete(self._kinds(obj.get("kind", "Job"))[0], obj["metadata"]["name"])
+            names.append(obj["metadata"]["name"])
         return names
 
     def run_stage(
@@ -784,22 +698,61 @@ class K8sExecutor:
         run_id: str,
         missing: Sequence[int],
         on_progress: Callable[[JobProgress], None] | None = None,
+        *,
+        workspace: CommittedShards | None = None,
     ) -> JobProgress:
-        """Run the ``missing`` shards of one stage: adopt a live Job of the stage, else submit one."""
-        existing = self.find_jobs(run_id, job.stage)
-        live = [o for o in existing if not progress_of(o).finished]
-        if live:  # a restarted launcher: pick the running Job up instead of starting another
-            name = live[-1]["metadata"]["name"]
-        else:
-            attempt = 1 + max((int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0")) for o in existing), default=-1)
-            partial = sorted(missing) != list(range(job.shards))
-            name = self.submit(job, run_id, indexes=sorted(missing) if partial else None, attempt=attempt)
-        return self.watch(name, on_progress)
+        """Run the ``missing`` shards of one stage: adopt a live Job of the stage, else submit one.
+
+        With ``workspace``, a Job found gone (404) is settled by it: committed -> done; not committed
+        -> submitted again (at most ``resubmits`` times).
+        """
+        kind = "JobSet" if (tpu := stage_tpu_slice(job)) is not None and tpu.multi_host else "Job"
+        missing = sorted(missing)
+        tried: list[int] = []  # attempts submitted here (a vanished one is no longer listed)
+        for round_ in range(self.resubmits + 1):
+            existing = self.find_jobs(run_id, job.stage)
+            live = [o for o in existing if not progress_of(o).finished] if round_ == 0 else []
+            if live:  # a restarted launcher: pick the running Job up instead of starting another
+                name, kind = live[-1]["metadata"]["name"], live[-1].get("kind", "Job")
+            else:
+                attempt = 1 + max([int(o["metadata"]["labels"].get(ATTEMPT_LABEL, "0")) for o in existing] + tried, default=-1)
+                tried.append(attempt)
+                partial = missing != list(range(job.shards))
+                name = self.submit(job, run_id, indexes=missing if partial else None, attempt=attempt)
+            try:
+                return self.watch(name, on_progress, kind=kind)
+            except JobMissingError as exc:
+                if workspace is None:
+                    raise
+                still = sorted(set(workspace.missing_shards(job.stage, job.shards)) & set(exc.progress.shards or missing))
+                if not still:
+                    self.say(f"{job.stage}: {exc.progress.kind} {name} is gone, but the workspace holds its shards; going on")
+                    p = exc.progress
+                    p.state, p.reason, p.message, p.completed, p.failed = (
+                        "complete",
+                        "Committed",
+                        "gone; the workspace holds its shards",
+                        p.shards,
+                        [],
+                    )
+                    return p
+                if exc.last_seen is not None and self.clock() - exc.last_seen < self.ttl_seconds:
+                    # Seen unfinished less than a TTL ago: not the TTL, someone deleted it.
+                    exc.progress.message = f"the {exc.progress.kind} was deleted before it finished (cancelled?)"
+                    raise JobDeletedError(exc.progress, {}) from None
+                self.say(
+                    f"{job.stage}: {exc.progress.kind} {name} is gone and shards {format_indexes(still)} are not committed; submitting again"
+                )
+                missing = still
+        vanished = f"its {kind} vanished {self.resubmits + 1} times without the workspace holding its shards"
+        raise JobFailedError(
+            JobProgress(name, job.stage, run_id, job.shards, missing, failed=missing, state="failed", message=vanished), {}
+        )
 
     def run_pipeline(
         self,
         jobs: Sequence[StageJob],
-        run: WorkspaceRun,
+        run: CommittedShards,
         *,
         run_id: str | None = None,
         on_progress: Callable[[JobProgress], None] | None = None,
@@ -814,7 +767,7 @@ class K8sExecutor:
         run_id = run_id or getattr(run, "run_id", None) or getattr(run, "id", None)
         if not run_id:
             raise ConfigError("run_pipeline needs a run id (pass run_id=)")
-        say = log or (lambda text: print(text, file=sys.stderr))
+        say = log or self.say
         if on_progress is None:
             on_progress = lambda p: say(str(p))  # noqa: E731
         done = []
@@ -825,7 +778,7 @@ class K8sExecutor:
                 continue
             if len(missing) < job.shards:
                 say(f"{job.stage}: resuming {len(missing)} of {job.shards} shards ({format_indexes(missing)})")
-            progress = self.run_stage(job, run_id, missing, on_progress)
+            progress = self.run_stage(job, run_id, missing, on_progress, workspace=run)
             still = sorted(run.missing_shards(job.stage, job.shards))
             if still:
                 raise JobFailedError(
@@ -845,54 +798,3 @@ class K8sExecutor:
             say(f"{job.stage}: done")
             done.append(progress)
         return done
-
-
-# --------------------------------------------------------------------------------------------
-# The rendered examples in jobs/ (kept up to date by a test)
-
-EXAMPLE_RUN_ID = "example"
-EXAMPLE_NAMESPACE = "inpars"
-EXAMPLE_RUN_URI = "gs://YOUR-BUCKET/inpars/runs/example"
-
-
-# The default config, spread over a cluster: sharded stages and an L4 GPU for the model stages.
-EXAMPLE_CONFIG = {
-    "generate": {"shards": 8},
-    "negatives": {"shards": 4},
-    "rerank": {"shards": 4},
-    "publish": {"destination": "gs://YOUR-BUCKET/inpars/published"},
-    "resources": {
-        "generate": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4", "parallelism": 4},
-        "train": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"},
-        "rerank": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4", "parallelism": 4},
-    },
-}
-
-
-def render_examples() -> dict[str, str]:
-    """``jobs/<stage>.yaml``: every stage of :data:`EXAMPLE_CONFIG` (the default config, with shards and GPUs)."""
-    from ..config import PipelineConfig
-    from .plan import plan_pipeline
-
-    config = PipelineConfig.from_dict(EXAMPLE_CONFIG)
-    header = (
-        "# Rendered by `python -m inpars.launch.k8s --write-examples jobs/` from EXAMPLE_CONFIG in\n"
-        "# inpars/launch/k8s.py. Do not edit: change inpars/launch/templates/ or the renderer, then re-render.\n"
-    )
-    return {
-        f"{job.stage}.yaml": header + to_yaml([render_job(job, run_id=EXAMPLE_RUN_ID, namespace=EXAMPLE_NAMESPACE, image=config.image)])
-        for job in plan_pipeline(config, EXAMPLE_RUN_URI)
-    }
-
-
-if __name__ == "__main__":  # python -m inpars.launch.k8s --write-examples jobs/
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description="Write the rendered example Jobs.")
-    parser.add_argument("--write-examples", metavar="DIR", required=True)
-    out = Path(parser.parse_args().write_examples)
-    out.mkdir(parents=True, exist_ok=True)
-    for filename, text in render_examples().items():
-        (out / filename).write_text(text, encoding="utf-8")
-        print(out / filename)

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_PERMANENT, InParsError
+from ..shards import COMPLETION_INDEX_ENV, HOST_COUNT_ENV, SHARD_INDEXES_ENV, worker_env
 from ..storage import cache_root, is_remote
 from .driver import StageFailed
-from .plan import HF_TOKEN_ENV, StageJob
+from .plan import OPTIONAL_SECRETS, StageJob, launch_command
 
 if TYPE_CHECKING:
     from ..workspace import Run
@@ -210,10 +211,12 @@ def _env(job: StageJob, extra_env: dict[str, str], shard: int) -> dict[str, str]
     # The workers are this installation's `inpars` script, also when its venv is not activated.
     scripts = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if scripts else env.get("PATH", "")
-    env.pop("INPARS_SHARD_INDEXES", None)  # the index below is the real shard number
+    for var in (SHARD_INDEXES_ENV, HOST_COUNT_ENV):
+        env.pop(var, None)  # the index below is the real shard number, on one host
     env.update(job.env)
     env.update(extra_env)
-    env["JOB_COMPLETION_INDEX"] = str(shard)
+    env.update(worker_env(job.shards))
+    env[COMPLETION_INDEX_ENV] = str(shard)
     env["INPARS_PARENT_PID"] = str(os.getpid())  # workers stop when this launcher dies (inpars.workers)
     return env
 
@@ -223,7 +226,7 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
     result = StageResult(job.stage)
     emit(Event("stage_start", job.stage, message=f"{job.shards} shard(s)"))
     for var in job.secret_env:
-        if var != HF_TOKEN_ENV and not os.environ.get(var):
+        if var not in OPTIONAL_SECRETS and not os.environ.get(var):
             emit(Event("warning", job.stage, message=f"${var} is not set; the {job.stage} workers may fail without it"))
     pending: list[tuple[int, int, float]] = []  # (shard, attempt, not before)
     first_attempt: dict[int, int] = {}
@@ -299,7 +302,7 @@ def _start(job: StageJob, shard: int, attempt: int, extra_env: dict[str, str], l
     with open(path, "wb") as log:
         # Its own session, so a stop reaches the worker's children too (dataloaders, servers).
         proc = subprocess.Popen(
-            job.command,
+            launch_command(job),
             env=_env(job, extra_env, shard),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,6 +14,7 @@ from ..pipeline import Stage, resources_for, stages_for
 
 SECRET_NAME = "inpars-api-keys"  # the k8s Secret holding API keys and tokens (k8s/secret.template.yaml)
 HF_TOKEN_ENV = "HF_TOKEN"  # the Hugging Face token for gated hub models, by reference like API keys
+OPTIONAL_SECRETS = frozenset({HF_TOKEN_ENV})  # pods start without these (public hub models need no token)
 
 
 @dataclass
@@ -83,3 +84,16 @@ def uses_hub(config: PipelineConfig, stage: str) -> bool:
     if stage == "generate" and config.generate.backend == "openai":
         models = [config.generate.tokenizer] if config.generate.tokenizer else []
     return any(m not in PACKAGED and not m.startswith(("/", ".", "gs://", "~")) for m in models)
+
+
+def launch_command(job: StageJob) -> list[str]:
+    """The argv that runs one shard of ``job``: its ``command``, under ``torchrun`` for a train stage
+    given several GPUs (one process per GPU; the worker trains with DDP).
+
+    Both executors start this: the Kubernetes renderer as the container command, the local executor
+    as the subprocess.
+    """
+    gpus = int(job.resources.gpu or 0)
+    if job.stage == "train" and gpus > 1:
+        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *job.command]
+    return list(job.command)
