@@ -101,11 +101,11 @@ class Lease:
         return False
 
     def acquire(self, *, done: Callable[[], bool] = lambda: False, wait: float | None = None, poll: float = 1.0) -> Lease | None:
-        """Hold the lease (and start the heartbeat), waiting up to ``wait`` seconds (default: three
-        lease times, long enough for a dead holder's lease to expire). Returns None when ``done()``
-        turns true while waiting (another worker finished the shard); raises :class:`ShardBusy` when
-        a live worker still holds it after ``wait``."""
-        deadline = time.monotonic() + (3 * self.seconds if wait is None else wait)
+        """Hold the lease (and start the heartbeat), waiting up to ``wait`` seconds (default: as long
+        as its holder keeps it alive: a twin waits for the other worker, and takes over if that one
+        dies). Returns None when ``done()`` turns true while waiting (another worker finished the
+        shard); raises :class:`ShardBusy` when a live worker still holds it after ``wait``."""
+        deadline = float("inf") if wait is None else time.monotonic() + wait
         while True:
             if done():
                 return None

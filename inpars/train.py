@@ -26,7 +26,6 @@ The output folder is a standard HF model folder (``save_pretrained`` of model an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -246,7 +245,7 @@ def train_model(
     output_dir = Path(output_dir)
     source = resolve_model(config.model)
     # Everything below, the stats and the saved metadata see the resolved type, never "auto".
-    config = dataclasses.replace(config, model_type=resolve_model_type(config.model_type, source.name_or_path))
+    config = config.model_copy(update={"model_type": resolve_model_type(config.model_type, source.name_or_path)})
     log.info("training %s as a %s", source.identity, config.model_type)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

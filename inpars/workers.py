@@ -30,7 +30,7 @@ from .datasets import fetch, resolve_dataset
 from .errors import ConfigError, InputError
 from .pipeline import get_stage, stage_shards
 from .shards import shard_index_from_env, shard_name, take_shard
-from .workspace import Checkpoint, Run, dumps_rows, scratch_root
+from .workspace import Checkpoint, Run, dumps_rows, new_attempt_id, scratch_root
 
 log = logging.getLogger("inpars.workers")
 
@@ -414,7 +414,7 @@ def run_stage(run_uri: str, stage: str, shard_index: int | None = None) -> bool:
         return False
     shard = Shard(run, stage, index, count, lease)
     started, cpu0 = time.time(), time.process_time()
-    shard.attempt.update(started_at=started, host=socket.gethostname())
+    shard.attempt.update(attempt=new_attempt_id(), started_at=started, host=socket.gethostname())
     outcome = "failed"
     _watch_parent()
     try:

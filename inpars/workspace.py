@@ -701,7 +701,7 @@ class Run:
 
     def record_attempt(self, stage: str, index: int, count: int, info: dict[str, Any]) -> str:
         """Store one attempt's timings, host and usage beside the shard (never part of what is committed)."""
-        attempt = info.get("attempt") or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{socket.gethostname()}-{os.getpid()}"
+        attempt = info.get("attempt") or new_attempt_id()
         key = f"{self._shard_dir(stage, ATTEMPTS, index, count)}/{attempt}.json"
         self.write_bytes(key, _dumps({"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), **info}))
         return key
@@ -740,6 +740,11 @@ class Run:
 
     def checkpoint(self, stage: str, index: int, count: int) -> Checkpoint:
         return Checkpoint(self.storage, self._shard_dir(stage, CHECKPOINTS, index, count), scan=self.scan)
+
+
+def new_attempt_id() -> str:
+    """``20261201T223015-<host>-<pid>``: sortable, unique per process."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{socket.gethostname()}-{os.getpid()}"
 
 
 def parse_record(raw: bytes, where: str) -> dict[str, Any]:

@@ -63,6 +63,7 @@ def drive(
     until: str | None = None,
     max_retries: int = 3,
     say: Callable[[str], None] = lambda text: None,
+    repairs: int = 0,
 ) -> list[StageOutcome]:
     """Run every stage of ``run`` that is not committed yet, in order, through ``executor``."""
     outcomes = []
@@ -82,7 +83,14 @@ def drive(
             run.require_complete(upstream, stages_shards(run, upstream), needed_by=stage.name)
         if len(missing) < job.shards:
             say(f"{stage.name}: {len(missing)} of {job.shards} shard(s) to run")
-        executor.run_shards(job, missing, run)
+        try:
+            executor.run_shards(job, missing, run)
+        except StageFailed:
+            # A worker may have failed on a corrupted input (a flipped byte keeps the size, so only a
+            # reader's sha256 check sees it): check the inputs fully, set bad shards aside, redo them.
+            if repairs < MAX_REPAIRS and repair_inputs(run, stage.inputs, say):
+                return outcomes + drive(run, executor, until=until, max_retries=max_retries, say=say, repairs=repairs + 1)
+            raise
         still = run.stage_status(stage.name, job.shards)["missing"]
         if still:
             raise StageFailed(
@@ -93,6 +101,24 @@ def drive(
         outcome.status, outcome.ran, outcome.seconds = "done", list(missing), time.monotonic() - started
         outcomes.append(outcome)
     return outcomes
+
+
+MAX_REPAIRS = 2  # rounds of "an input was corrupt: redo it" before a failure is reported as it is
+
+
+def repair_inputs(run: Run, inputs: Sequence[str], say: Callable[[str], None]) -> list[tuple[str, int]]:
+    """Check every committed file of the ``inputs`` stages against its record (sha256 too) and set
+    the bad shards aside (so they are redone); the shards set aside."""
+    bad = []
+    for stage in inputs:
+        count = stages_shards(run, stage)
+        for i in range(count):
+            problems = run.verify_shard(stage, i, count, deep=True)
+            if problems and run.shard_done(stage, i, count):
+                say(f"{stage} shard {i}: {'; '.join(problems)}: setting it aside to redo it")
+                run.invalidate(stage, i, count, "; ".join(problems))
+                bad.append((stage, i))
+    return bad
 
 
 def stages_shards(run: Run, stage: str) -> int:
