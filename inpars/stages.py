@@ -8,7 +8,6 @@ output create-only-if-absent, so a rerun or a racing twin changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -17,34 +16,13 @@ from pathlib import Path
 
 from . import corpus as corpus_io
 from .config import PipelineConfig
-from .datasets import Dataset, fetch, resolve_dataset
+from .datasets import fetch, resolve_dataset
 from .errors import ConfigError, InputError
 from .launch.plan import stage_shards
 from .shards import shard_index_from_env, shard_name, take_shard
 from .workspace import Run, dumps_rows
 
 log = logging.getLogger("inpars.stages")
-
-FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
-
-
-def fewshot_query_ids(rows) -> set[str]:
-    """Ids of the queries shown as few-shot examples: never evaluated (no leakage)."""
-    return {str(ex["query_id"]) for r in rows for ex in r.get("fewshot_examples") or [] if ex.get("query_id") is not None}
-
-
-def evaluation_queries(config: PipelineConfig, ds: Dataset, exclude: set[str]) -> dict[str, str]:
-    """The judged evaluation queries, in id order, minus excluded (few-shot) ids."""
-    if ds.queries is None or ds.qrels is None:
-        raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
-    queries = corpus_io.read_queries(ds.queries)
-    qrels = corpus_io.read_qrels(ds.qrels)
-    corpus_io.check_ids(qrels, queries, what="qrels query", source=str(ds.queries))
-    return {q: queries[q] for q in sorted(qrels, key=_natural) if q not in exclude}
-
-
-def _natural(key: str):
-    return (0, int(key), "") if key.isdigit() else (1, 0, key)
 
 
 def _bm25(config: PipelineConfig, docs):
@@ -170,20 +148,9 @@ def negatives_worker(run: Run, index: int, count: int) -> None:
     run.commit_shard("negatives", index, count, dumps_rows(triples), ext="jsonl", stats={"rows": len(triples)})
 
 
-def split_held_out(triples: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Keep a stable hash-chosen share of synthetic queries aside (fusion weight, validation)."""
-    if fraction <= 0:
-        return list(triples), []
-    train, held = [], []
-    for t in triples:
-        h = int(hashlib.sha1(str(t["query_id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < fraction else train).append(t)
-    return train, held
-
-
 def train_worker(run: Run, index: int, count: int) -> None:
-    from .rerank import choose_fusion_weight, load_reranker, rerank_run
-    from .train import train_model
+    from .rerank import fusion_weight_on_held_out, load_reranker
+    from .train import split_held_out, train_model
 
     config = run.config
     triples = run.read_rows("negatives", stage_shards(config)["negatives"])
@@ -196,15 +163,9 @@ def train_worker(run: Run, index: int, count: int) -> None:
         stats = train_model(train_rows, docs, config.train, model_dir, on_progress=_progress("train", None))
         fusion = {"weight": None, "reason": "no held-out synthetic queries"}
         if held_out and config.rerank.fusion:
-            # The fusion weight is chosen on held-out *synthetic* queries (their source document is
-            # the relevant one), never on the evaluation queries.
-            queries = {t["query_id"]: t["query"] for t in held_out}
-            qrels = {t["query_id"]: {t["pos_doc_id"]: 1} for t in held_out}
-            first = _bm25(config, docs).search(queries, config.rerank.depth)
+            # The fusion weight is chosen on held-out *synthetic* queries, never on the evaluation queries.
             reranker = load_reranker(str(model_dir), batch_size=config.rerank.batch_size, max_length=config.rerank.max_length)
-            second = rerank_run(first, queries, docs, reranker, depth=config.rerank.depth)
-            weight, scores = choose_fusion_weight(first, second, qrels)
-            fusion = {"weight": weight, "measure": "RR@10", "n_queries": len(queries), "grid": scores}
+            fusion = fusion_weight_on_held_out(held_out, _bm25(config, docs), docs, reranker, config.rerank.depth)
         run.upload_dir("train", "model", model_dir)
     run.put_file("train", "held_out.jsonl", dumps_rows(held_out))
     run.put_file("train", "fusion.json", json.dumps(fusion, indent=2).encode())
@@ -213,20 +174,25 @@ def train_worker(run: Run, index: int, count: int) -> None:
 
 
 def rerank_worker(run: Run, index: int, count: int) -> None:
-    from .rerank import fuse_runs, load_reranker, rerank_run, with_tail
+    from .evaluate import evaluation_queries
+    from .generate import fewshot_query_ids
+    from .rerank import first_stage, load_reranker, rerank_run
+    from .runs import format_run, fuse_runs, read_run, with_tail
 
     config, cfg = run.config, run.config.rerank
     run.require_complete("train", 1)
     ds = resolve_dataset(config)
     generated = run.read_rows("generate", stage_shards(config)["generate"])
-    queries = evaluation_queries(config, ds, fewshot_query_ids(generated) if config.evaluate.exclude_fewshot else set())
+    if ds.queries is None or ds.qrels is None:
+        raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
+    exclude = fewshot_query_ids(generated) if config.evaluate.exclude_fewshot else set()
+    queries = evaluation_queries(corpus_io.read_queries(ds.queries), corpus_io.read_qrels(ds.qrels), exclude, source=str(ds.queries))
     mine = dict(take_shard(list(queries.items()), index, count))
     docs = corpus_io.read_corpus(ds.corpus)
     if cfg.first_stage == "bm25":
-        # Retrieve deeper than we rerank, so recall measures (R@100, R@1000) stay meaningful.
-        first = _bm25(config, docs).search(mine, max(cfg.depth, FIRST_STAGE_DEPTH)) if mine else {}
+        first = first_stage(_bm25(config, docs), mine, cfg.depth) if mine else {}
     else:
-        given = corpus_io.read_run(fetch(cfg.first_stage))
+        given = read_run(fetch(cfg.first_stage))
         first = {q: given[q] for q in mine if q in given}
     fusion = json.loads(run.get_file("train", "fusion.json"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,30 +202,33 @@ def rerank_worker(run: Run, index: int, count: int) -> None:
         )
         reranked = rerank_run(first, mine, docs, reranker, depth=cfg.depth)
     name = shard_name(index, count, "trec")
-    run.put_file("rerank", f"firststage-{name}", corpus_io.format_run(first, "firststage").encode())
+    run.put_file("rerank", f"firststage-{name}", format_run(first, "firststage").encode())
     if fusion.get("weight") is not None:
         head = {q: {d: first[q][d] for d in reranked[q]} for q in reranked}
         fused = with_tail(fuse_runs(head, reranked, fusion["weight"]), first)
-        run.put_file("rerank", f"fused-{name}", corpus_io.format_run(fused, "fused").encode())
+        run.put_file("rerank", f"fused-{name}", format_run(fused, "fused").encode())
     reranked = with_tail(reranked, first)
-    run.commit_shard("rerank", index, count, corpus_io.format_run(reranked, "reranked").encode(), ext="trec", stats={"rows": len(mine)})
+    run.commit_shard("rerank", index, count, format_run(reranked, "reranked").encode(), ext="trec", stats={"rows": len(mine)})
 
 
 def _read_trec_shards(run: Run, stage: str, prefix: str, count: int) -> dict | None:
+    from .runs import parse_trec
+
     run_: dict[str, dict[str, float]] = {}
     for i in range(count):
         name = f"{prefix}{shard_name(i, count, 'trec')}"
         if prefix and not run.has_file(stage, name):
             return None
         data = run.get_file(stage, name) if prefix else run.read_shard(stage, i, count, "trec")
-        for line in data.decode().splitlines():
-            q, _, d, _, s, _ = line.split()
-            run_.setdefault(q, {})[d] = float(s)
+        where = run.file_uri(stage, name) if prefix else run.storage.uri(run.shard_key(stage, i, count, "trec"))
+        for q, ranking in parse_trec(data.decode().splitlines(), where).items():
+            run_.setdefault(q, {}).update(ranking)
     return run_
 
 
 def evaluate_worker(run: Run, index: int, count: int) -> None:
-    from .evaluate import evaluate, format_table, paired_bootstrap
+    from .evaluate import compare_to_baseline, evaluate, format_table, natural_key
+    from .generate import fewshot_query_ids
 
     config = run.config
     n_rerank = stage_shards(config)["rerank"]
@@ -276,12 +245,8 @@ def evaluate_worker(run: Run, index: int, count: int) -> None:
     if fused is not None:
         systems["fused"] = fused
     results = {name: evaluate(r, qrels, config.evaluate.measures, exclude_queries=exclude) for name, r in systems.items()}
-    bootstrap = {
-        name: paired_bootstrap(results["bm25"]["per_query"]["nDCG@10"], results[name]["per_query"]["nDCG@10"])
-        for name in results
-        if name != "bm25" and "nDCG@10" in results[name]["per_query"]
-    }
-    out = {"systems": results, "excluded_queries": sorted(exclude & set(qrels), key=_natural), "bootstrap": bootstrap}
+    bootstrap = compare_to_baseline(results, baseline="bm25", measure="nDCG@10")
+    out = {"systems": results, "excluded_queries": sorted(exclude & set(qrels), key=natural_key), "bootstrap": bootstrap}
     table = format_table({name: r["aggregate"] for name, r in results.items()})
     run.put_file("evaluate", "table.txt", table.encode())
     run.commit_shard(

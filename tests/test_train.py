@@ -315,3 +315,16 @@ def test_keep_initial_averages_trained_and_starting_weights(sample, tmp_path):
     assert torch.equal(runs[1.0]["classifier.weight"], runs[0.0]["classifier.weight"])
     with pytest.raises(ConfigError, match="keep_initial"):
         train_model(rows, docs, TrainConfig(model=base, keep_initial=1.5, max_steps=1), tmp_path / "bad")
+
+
+def test_split_held_out_depends_on_the_query_id_only():
+    from inpars.train import split_held_out
+
+    rows = [{"query_id": f"doc{i}-0", "n": i} for i in range(400)]
+    train, held = split_held_out(rows, 0.1)
+    assert len(train) + len(held) == 400 and 20 <= len(held) <= 60
+    assert {r["query_id"] for r in train}.isdisjoint(r["query_id"] for r in held)
+    # The same id is held out whatever else is in the list (another filter's rows, a shuffled order).
+    again_train, again_held = split_held_out(list(reversed(rows[:200])), 0.1)
+    assert {r["query_id"] for r in again_held} == {r["query_id"] for r in held if r["n"] < 200}
+    assert split_held_out(rows, 0) == (rows, [])
