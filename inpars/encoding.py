@@ -35,6 +35,8 @@ T5_MODEL_TYPES = ("t5", "mt5", "umt5", "byt5")
 
 
 def monot5_input(query: str, document: str) -> str:
+    """The monoT5 input text; :func:`encode_pairs` assembles exactly its tokens (and cuts the query and
+    document, never the ``Relevant:`` the model answers after)."""
     return f"Query: {query} Document: {document} Relevant:"
 
 
