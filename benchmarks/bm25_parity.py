@@ -87,9 +87,11 @@ def versions() -> dict:
 
 
 def main() -> int:
+    from inpars.rerank import FIRST_STAGE_DEPTH
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SCIFACT), help="SciFact BEIR folder")
-    parser.add_argument("--k", type=int, default=1000, help="search depth")
+    parser.add_argument("--k", type=int, default=FIRST_STAGE_DEPTH, help="search depth (default: the rerank stage's first-stage depth)")
     parser.add_argument("--threads", type=int, default=1, help="threads for both backends (default 1: a shared machine)")
     parser.add_argument("--analyzers", default="porter,bm25s", help="PyseriniIndex analyzers to compare")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bm25_parity.json"))

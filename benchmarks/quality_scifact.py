@@ -429,7 +429,7 @@ class Benchmark:
         ``split_held_out`` hashes query ids, so a query held out here is held out of every
         configuration's training set too, whatever its filter.
         """
-        from inpars.stages import split_held_out
+        from inpars.train import split_held_out
 
         _, held = split_held_out(kept_by["scores"], self.args.held_out_fraction)
         if not held:
@@ -457,7 +457,7 @@ class Benchmark:
         return "all" if not n or n >= FULL_TEST_QUERIES else f"sub{n}-s{self.args.seed}"
 
     def bm25_run(self, name: str, queries: dict[str, str], depth: int) -> dict:
-        from inpars.corpus import read_run, write_run
+        from inpars.runs import read_run, write_run
 
         path = self.work / "baselines" / f"bm25-{name}-{_key(sorted(queries.items()))}-d{depth}.trec"
         if path.exists():
@@ -507,7 +507,7 @@ class Benchmark:
         dense = {q: {ids[j]: float(s) for s, j in zip(top.values[i].tolist(), top.indices[i].tolist())} for i, q in enumerate(qids)}
         reranked = None
         if rerank_of is not None:
-            from inpars.rerank import top_docs
+            from inpars.runs import top_docs
 
             depth = self.args.rerank_depth
             reranked = {q: {d: float(sims[i, pos[d]]) for d in top_docs(rerank_of.get(q, {}), depth)} for i, q in enumerate(qids)}
@@ -533,15 +533,9 @@ class Benchmark:
 
     def run_config(self, cfg: dict, kept_by, held_queries, held_qrels, test_queries, bm25_test, bm25_held) -> dict:
         from inpars.config import TrainConfig
-        from inpars.corpus import read_run, write_run
-        from inpars.rerank import (
-            choose_fusion_weight,
-            fuse_runs,
-            load_reranker,
-            rerank_run,
-        )
-        from inpars.stages import split_held_out
-        from inpars.train import train_model
+        from inpars.rerank import load_reranker, rerank_run
+        from inpars.runs import choose_fusion_weight, fuse_runs, read_run, write_run
+        from inpars.train import split_held_out, train_model
 
         a, name = self.args, cfg["name"]
         triples = self.negatives(cfg["filter"], kept_by[cfg["filter"]], cfg["negatives"])
@@ -622,8 +616,8 @@ class Benchmark:
         schedule) and then averages, so this saves one training run; ``None`` when there is no twin."""
         import shutil
 
+        from inpars.encoding import METADATA_FILE, load_pretrained
         from inpars.models import resolve_model
-        from inpars.rerank import METADATA_FILE, load_pretrained
         from inpars.train import interpolate_weights, snapshot_weights
 
         twin = parse_config("+".join(p for p in cfg["name"].split("+") if p != "wise"))
@@ -642,8 +636,7 @@ class Benchmark:
     # ----------------------------------------------------------------- 6. baselines
 
     def zero_shot(self, held_queries, held_qrels, test_queries, bm25_test, bm25_held) -> dict:
-        from inpars.corpus import read_run, write_run
-        from inpars.rerank import choose_fusion_weight, fuse_runs
+        from inpars.runs import choose_fusion_weight, fuse_runs, read_run, write_run
 
         cache = self.work / "baselines" / "dense0-minilm-l6"
         test_path = cache / f"test-{_key(sorted(test_queries))}-d{self.first_depth}.trec"
@@ -667,7 +660,7 @@ class Benchmark:
 
     def evaluate(self, systems: dict[str, dict], test_queries: dict[str, str]) -> dict:
         from inpars.corpus import read_qrels
-        from inpars.evaluate import evaluate, paired_bootstrap
+        from inpars.evaluate import compare_to_baseline, evaluate
 
         # First and only read of the test judgements.
         qrels = read_qrels(self.data / "qrels" / "test.tsv")
@@ -676,7 +669,7 @@ class Benchmark:
         evaluated = set(results["BM25"]["per_query"]["nDCG@10"])
         assert not evaluated & self.used_fewshot_ids, "a few-shot query id is among the evaluated queries"
         assert not evaluated & self.fewshot_ids, "a train (few-shot pool) query id is among the evaluated queries"
-        base = results["BM25"]["per_query"]["nDCG@10"]
+        vs_bm25 = compare_to_baseline(results, baseline="BM25", measure="nDCG@10", n_samples=self.args.bootstrap, seed=0)
         out = {}
         for name, r in results.items():
             row = {
@@ -685,8 +678,8 @@ class Benchmark:
                 "R@100": r["aggregate"]["R@100"],
                 "n_queries": r["n_queries"],
             }
-            if name != "BM25":
-                row["vs_bm25"] = paired_bootstrap(base, r["per_query"]["nDCG@10"], n_samples=self.args.bootstrap, seed=0)
+            if name in vs_bm25:
+                row["vs_bm25"] = vs_bm25[name]
             row["per_query_nDCG@10"] = r["per_query"]["nDCG@10"]
             out[name] = row
         return out
@@ -827,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{min(args.eval_queries or n_test, n_test)} of {n_test} test queries, rerank depth {args.rerank_depth}"
     )
     print(f"== quality_scifact: {label} ({scope}) ==", flush=True)
-    from inpars.stages import fewshot_query_ids
+    from inpars.generate import fewshot_query_ids
 
     bench.used_fewshot_ids = fewshot_query_ids(rows)
     if args.generate_only:

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 from common import machine, write_results
 
 from inpars.corpus import read_corpus, read_qrels, read_queries
+from inpars.encoding import encode_pairs
 from inpars.models import resolve_model
-from inpars.rerank import encode_pairs, load_reranker
+from inpars.rerank import load_reranker
 
 SAMPLE = ROOT / "inpars" / "data" / "scifact-sample"
 

@@ -13,15 +13,19 @@ import importlib
 
 __version__ = "0.1.0"
 
+# evaluate is not exported by name: ``inpars.evaluate`` is the submodule (``from inpars.evaluate import evaluate``).
 _EXPORTS = {
     "Document": "corpus",
     "read_corpus": "corpus",
     "read_queries": "corpus",
     "read_qrels": "corpus",
-    "read_run": "corpus",
-    "write_run": "corpus",
     "read_jsonl": "corpus",
     "write_jsonl": "corpus",
+    "read_run": "runs",
+    "write_run": "runs",
+    "format_run": "runs",
+    "fuse_runs": "runs",
+    "choose_fusion_weight": "runs",
     "PipelineConfig": "config",
     "InParsError": "errors",
     "InputError": "errors",
@@ -37,8 +41,9 @@ _EXPORTS = {
     "train_model": "train",
     "load_reranker": "rerank",
     "rerank_run": "rerank",
-    "fuse_runs": "rerank",
-    "publish_dataset": "publish",  # evaluate: `from inpars.evaluate import evaluate` (a submodule name) "Run": "workspace", "run_stage": "stages",
+    "publish_dataset": "publish",
+    "Run": "workspace",  # a run in a workspace (a TREC run is a plain dict: inpars.runs.Run)
+    "run_stage": "workers",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -223,8 +223,9 @@ def rerank(
     max_length: int = 256,
 ):
     """Rerank the top `depth` documents of a first stage with a trained model."""
-    from .corpus import read_corpus, read_qrels, read_queries, read_run, write_run
-    from .rerank import load_reranker, rerank_run, with_tail
+    from .corpus import read_corpus, read_qrels, read_queries
+    from .rerank import first_stage, load_reranker, rerank_run
+    from .runs import read_run, with_tail, write_run
 
     docs = read_corpus(fetch(corpus))
     qs = read_queries(fetch(queries))
@@ -236,7 +237,7 @@ def rerank(
     else:
         from .bm25 import build_index
 
-        first = build_index(docs).search(qs, max(depth, 1000))  # deeper than reranked: recall stays comparable
+        first = first_stage(build_index(docs), qs, depth)
     reranked = rerank_run(first, qs, docs, load_reranker(model, batch_size=batch_size, max_length=max_length), depth=depth)
     reranked = with_tail(reranked, first)
     write_run(reranked, output, tag="reranked")
@@ -248,15 +249,18 @@ def rerank(
 def evaluate(
     run: list[Path] = typer.Option(..., help="TREC run(s); repeat to compare"),
     qrels: Path = typer.Option(...),
-    measures: str = "nDCG@10,RR@10,R@100,R@1000,AP,P@10,Judged@10",
+    measures: str = typer.Option(
+        "nDCG@10,RR@10,R@100,R@1000,AP,P@10,Judged@10", help="ir-measures names; RR (no cut-off) is trec_eval's recip_rank, RR@10 is not"
+    ),
     exclude_fewshot: Path | None = typer.Option(None, help="generated queries JSONL: drop its few-shot example queries from the qrels"),
     json_out: Path | None = typer.Option(None, "--json", help="write all results as JSON"),
 ):
     """Evaluate runs with ir-measures; print a table."""
-    from .corpus import read_jsonl, read_qrels, read_run
+    from .corpus import read_jsonl, read_qrels
     from .evaluate import evaluate as evaluate_
     from .evaluate import format_table
-    from .workers import fewshot_query_ids
+    from .generate import fewshot_query_ids
+    from .runs import read_run
 
     exclude = fewshot_query_ids(read_jsonl(exclude_fewshot)) if exclude_fewshot else set()
     qrels_ = read_qrels(qrels)

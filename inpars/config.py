@@ -122,8 +122,6 @@ class FilterConfig(Section):
     def _coherent(self) -> FilterConfig:
         if self.min_query_tokens > self.max_query_tokens:
             raise ValueError(f"min_query_tokens ({self.min_query_tokens}) is larger than max_query_tokens ({self.max_query_tokens})")
-        if self.strategy == "reranker" and not self.reranker_model:
-            raise ValueError("strategy 'reranker' needs filter.reranker_model")
         return self
 
 
@@ -229,6 +227,13 @@ class PipelineConfig(Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     resources: dict[str, ResourcesConfig] = Field(default_factory=dict)  # per stage name
     image: Name = "ghcr.io/inpars/inpars:cpu"  # container image for the k8s backend
+
+    @model_validator(mode="after")
+    def _runnable(self) -> PipelineConfig:
+        # A library call may pass a scorer of its own; a run must name the model its worker loads.
+        if self.filter.strategy == "reranker" and not self.filter.reranker_model:
+            raise ValueError("filter.strategy 'reranker' needs filter.reranker_model")
+        return self
 
     @field_validator("resources")
     @classmethod

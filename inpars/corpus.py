@@ -1,4 +1,4 @@
-"""Reading and writing corpora, queries, qrels, runs and JSONL rows.
+"""Reading and writing corpora, queries, qrels and JSONL rows (TREC runs: :mod:`inpars.runs`).
 
 Every reader names the file and line of bad input (:class:`~inpars.errors.InputError`); none drops
 a row silently. Paths are local: stages fetch ``gs://`` inputs through :mod:`inpars.storage` first.
@@ -11,7 +11,6 @@ optional header) and CSV with a header naming the columns.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -190,7 +189,7 @@ def read_corpus(path: str | os.PathLike) -> dict[str, Document]:
     return docs
 
 
-# --------------------------------------------------------------------------- queries, qrels, runs
+# --------------------------------------------------------------------------- queries, qrels
 
 
 def read_queries(path: str | os.PathLike) -> dict[str, str]:
@@ -241,44 +240,6 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         except ValueError:
             raise InputError(f"relevance {rel!r} is not an integer", path=path, line=lineno) from None
     return qrels
-
-
-def read_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """A TREC run (``qid Q0 docid rank score tag``) as ``{query_id: {doc_id: score}}``."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise InputError("no such file", path=path)
-    run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise InputError(f"expected 6 TREC run columns, got {len(parts)}", path=path, line=lineno)
-            try:
-                run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
-            except ValueError:
-                raise InputError(f"score {parts[4]!r} is not a number", path=path, line=lineno) from None
-    return run
-
-
-def format_run(run: Mapping[str, Mapping[str, float]], tag: str = "inpars") -> str:
-    """TREC run text, each query's docs by descending score (ties by doc id, so output is stable)."""
-    out = io.StringIO()
-    for qid in run:
-        ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
-        for rank, (did, score) in enumerate(ranked, 1):
-            out.write(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
-    return out.getvalue()
-
-
-def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, tag: str = "inpars") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(format_run(run, tag), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_ids(ids: Iterable[str], known: Mapping[str, object], *, what: str, source: str) -> None:

@@ -1,4 +1,4 @@
-"""Evaluation with `ir-measures <https://ir-measur.es>`_: aggregates, per-query values, comparisons.
+"""Evaluation with `ir-measures <https://ir-measur.es>`_: which queries, aggregates, per-query values, comparisons.
 
 Conventions (stated because they change numbers):
 
@@ -9,6 +9,16 @@ Conventions (stated because they change numbers):
   an empty ranking (BM25 found nothing) scores 0 without complaint.
 - Run queries that have no qrels are ignored (and counted in ``"unjudged_run_queries"``).
 - Aggregates are the mean of the per-query values over the evaluated qrels queries.
+- Runs are re-sorted by score here (the rank column of a TREC file is never read). Score ties are
+  broken as each ir-measures provider does: nDCG@k, AP, R@k, P@k and plain ``RR`` go through
+  pytrec_eval, i.e. trec_eval's own code (ties by document id, descending, as our files are written,
+  :mod:`inpars.runs`); ``RR@k`` goes through the MS MARCO provider and ``Judged@k`` through the judged
+  provider, which break ties by document id *ascending*.
+- ``RR@10`` (in the defaults) is not the reference toolkit's ``recip_rank``. trec_eval's
+  ``recip_rank`` has no cut-off: 1/rank of the first relevant document wherever it is, where ``RR@10``
+  scores 0 beyond rank 10 (and the tie rule above differs). Plain ``RR`` is ``recip_rank``, the same
+  number per query (through pytrec_eval); add it to ``evaluate.measures`` / ``--measures`` to compare
+  with the toolkit's figures.
 """
 
 from __future__ import annotations
@@ -17,9 +27,26 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .corpus import check_ids
 from .errors import ConfigError, InputError
 
 DEFAULT_MEASURES = ("nDCG@10", "RR@10", "R@100", "R@1000", "AP", "P@10", "Judged@10")
+
+
+def natural_key(query_id: str) -> tuple[int, int, str]:
+    """Sort key for query ids: numeric ids by value (2 before 10), then the others by text."""
+    return (0, int(query_id), "") if query_id.isdigit() else (1, 0, query_id)
+
+
+def evaluation_queries(
+    queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]], exclude: Iterable[str] = (), *, source: str = "the queries"
+) -> dict[str, str]:
+    """The judged queries (those in ``qrels``) with their text, in :func:`natural_key` order, minus the
+    ``exclude``d ids (the few-shot examples, which would leak). A qrels query that is not in ``queries``
+    is an error naming ``source`` (the queries file)."""
+    check_ids(qrels, queries, what="qrels query", source=source)
+    excluded = set(exclude)
+    return {q: queries[q] for q in sorted(qrels, key=natural_key) if q not in excluded}
 
 
 def parse_measures(measures: Sequence[str] | str) -> dict:
@@ -157,4 +184,26 @@ def paired_bootstrap(
         "wins": int(np.sum(diff > eps)),
         "losses": int(np.sum(diff < -eps)),
         "ties": int(np.sum(np.abs(diff) <= eps)),
+    }
+
+
+def compare_to_baseline(
+    results: Mapping[str, Mapping],
+    baseline: str = "bm25",
+    measure: str = "nDCG@10",
+    *,
+    n_samples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """:func:`paired_bootstrap` of every other system against ``baseline`` on ``measure``.
+
+    ``results`` maps a system name to its :func:`evaluate` result; returns ``{system: bootstrap}``,
+    leaving out systems that were not scored on ``measure``.
+    """
+    if baseline not in results:
+        raise ConfigError(f"no baseline system {baseline!r} among {sorted(results)}")
+    return {
+        name: paired_bootstrap(results[baseline]["per_query"][measure], r["per_query"][measure], n_samples=n_samples, seed=seed)
+        for name, r in results.items()
+        if name != baseline and measure in r["per_query"]
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .backends.base import GenerationBackend
 from .corpus import Document
@@ -97,4 +97,10 @@ def generate_queries(
     return rows
 
 
-__all__ = ["generate_queries", "sample_documents"]
+def fewshot_query_ids(rows: Iterable[Mapping]) -> set[str]:
+    """Ids of the queries shown to the generator as few-shot examples (in the rows' ``fewshot_examples``):
+    never evaluated, since the generator saw them (no leakage)."""
+    return {str(ex["query_id"]) for r in rows for ex in r.get("fewshot_examples") or [] if ex.get("query_id") is not None}
+
+
+__all__ = ["fewshot_query_ids", "generate_queries", "sample_documents"]

@@ -1,11 +1,10 @@
 """Training a reranker on synthetic (query, positive, negatives) groups.
 
-One loop, three model families (see :mod:`inpars.rerank` for how each is scored):
+One loop, three model families (:mod:`inpars.encoding` holds how each reads its input and scores):
 
 * ``cross-encoder`` — ``AutoModelForSequenceClassification(num_labels=1)`` from any HF id, local path
   or packaged alias. ``bce``: pointwise, (q, pos) -> 1 and (q, neg) -> 0. ``lce``: a softmax over each
-  group [positive, negatives...] with the positive as the target (InPars-light). Started from the
-  MiniLM *bi-encoder* weights, BCE learns nothing on small data while LCE does (docs/GUIDE).
+  group [positive, negatives...] with the positive as the target (InPars-light).
 * ``monot5`` — T5 seq2seq reading ``Query: q Document: d Relevant:``. ``bce``: the usual seq2seq
   cross-entropy on the target word (``true`` / ``false``) at the first decoder step. ``lce``: a group
   softmax over each pair's monoT5 score, log P(true | {true, false}) — the very score used at ranking.
@@ -14,10 +13,10 @@ One loop, three model families (see :mod:`inpars.rerank` for how each is scored)
   documents (in-batch negatives).
 
 ``auto`` (the default) trains the starting checkpoint as what it already is
-(:func:`inpars.rerank.guess_model_type`): a sentence-embedding model such as the packaged
+(:func:`inpars.encoding.guess_model_type`): a sentence-embedding model such as the packaged
 all-MiniLM-L6-v2 stays a bi-encoder, a T5 checkpoint is trained as monoT5, anything else (a
-classification checkpoint, a masked LM) as a cross-encoder. Turning a trained retriever into a
-cross-encoder throws its training away: a fresh head on MiniLM hurts on small synthetic sets.
+classification checkpoint, a masked LM) as a cross-encoder. What each choice gave on SciFact (BCE
+against LCE, a fresh head on a retriever) is measured in the README ("Which loss, which model type").
 
 The output folder is a standard HF model folder (``save_pretrained`` of model and tokenizer) plus
 ``inpars_model.json`` so :func:`inpars.rerank.load_reranker` knows how to score it.
@@ -26,6 +25,7 @@ The output folder is a standard HF model folder (``save_pretrained`` of model an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -40,12 +40,10 @@ import torch
 from .config import TrainConfig
 from .corpus import Document
 from .devices import resolve_device, resolve_dtype
-from .errors import ConfigError, InputError
-from .models import resolve_model
-from .rerank import (
+from .encoding import (
     METADATA_FILE,
     MODEL_TYPES,
-    _attention_backends,
+    attention_backends,
     collate,
     encode_pairs,
     encode_texts,
@@ -56,6 +54,8 @@ from .rerank import (
     pad_multiple,
     relevance_token_ids,
 )
+from .errors import ConfigError, InputError
+from .models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ MAX_GRAD_NORM = 1.0
 def default_learning_rate(model_type: str) -> float:
     """monoT5 is fine-tuned at 3e-4 (as in the monoT5/InPars papers); BERT-like encoders at 3e-5."""
     return 3e-4 if model_type == "monot5" else 3e-5
+
+
+def split_held_out(triples: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: a stable hash-chosen share ``fraction`` of the synthetic queries kept out of
+    training (the fusion weight is chosen on them). The choice depends on the query id only, so a query
+    is held out whatever else is in the list (another filter's rows, another shard count)."""
+    if fraction <= 0:
+        return list(triples), []
+    train, held = [], []
+    for t in triples:
+        h = int(hashlib.sha1(str(t["query_id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if h < fraction else train).append(t)
+    return train, held
 
 
 def _check_examples(examples: Sequence[Mapping], docs: Mapping[str, Document]) -> list[tuple[str, str, list[str]]]:
@@ -281,7 +294,7 @@ def train_model(
     started = time.perf_counter()
     bar = tqdm(total=total, desc=f"train {config.model_type}", unit="step", disable=None)
     for step, batch in zip(range(1, total + 1), batches()):
-        with _attention_backends(device):
+        with attention_backends(device):
             with _autocast(device, dtype):  # the forward in bf16; backward outside autocast, as advised
                 loss = objective(batch)
             loss.backward()

@@ -34,7 +34,6 @@ from .workspace import Checkpoint, Run, dumps_rows, new_attempt_id, scratch_root
 
 log = logging.getLogger("inpars.workers")
 
-FIRST_STAGE_DEPTH = 1000  # first-stage hits kept per evaluation query (the top rerank.depth are rescored)
 FEWSHOT_IDS = "fewshot_query_ids.json"  # the filter's record of the query ids shown as few-shot examples
 PROGRESS_EVERY = 5.0  # seconds between progress notes in the attempt record
 
@@ -82,23 +81,13 @@ class Shard:
 
 
 def evaluation_queries(config: PipelineConfig, exclude: set[str]) -> dict[str, str]:
-    """The judged evaluation queries, in id order, minus excluded (few-shot) ids."""
+    """The run's judged evaluation queries, in id order, minus excluded (few-shot) ids."""
+    from .evaluate import evaluation_queries as judged_queries
+
     ds = resolve_dataset(config)
     if ds.queries is None or ds.qrels is None:
         raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
-    queries = corpus_io.read_queries(ds.queries)
-    qrels = corpus_io.read_qrels(ds.qrels)
-    corpus_io.check_ids(qrels, queries, what="qrels query", source=str(ds.queries))
-    return {q: queries[q] for q in sorted(qrels, key=_natural) if q not in exclude}
-
-
-def _natural(key: str):
-    return (0, int(key), "") if key.isdigit() else (1, 0, key)
-
-
-def fewshot_query_ids(rows) -> set[str]:
-    """Ids of the queries shown as few-shot examples: never evaluated (no leakage)."""
-    return {str(ex["query_id"]) for r in rows for ex in r.get("fewshot_examples") or [] if ex.get("query_id") is not None}
+    return judged_queries(corpus_io.read_queries(ds.queries), corpus_io.read_qrels(ds.qrels), exclude, source=str(ds.queries))
 
 
 def _bm25(config: PipelineConfig, docs):
@@ -188,7 +177,9 @@ def _prompt_name(config: PipelineConfig) -> str:
 
 
 def filter_worker(shard: Shard) -> None:
+    from .evaluate import natural_key
     from .filter import drop_counts, filter_queries
+    from .generate import fewshot_query_ids
 
     run = shard.run
     cfg = run.config.filter
@@ -210,7 +201,7 @@ def filter_worker(shard: Shard) -> None:
         "dropped_by_reason": drop_counts(dropped),
         "threshold": min((r["score"] for r in kept), default=None),
     }
-    fewshot = sorted(fewshot_query_ids(rows), key=_natural)
+    fewshot = sorted(fewshot_query_ids(rows), key=natural_key)
     files = {
         "dropped.jsonl": dumps_rows(dropped),
         "summary.json": json.dumps(summary, indent=2).encode(),
@@ -237,26 +228,13 @@ def negatives_worker(shard: Shard) -> None:
     shard.commit(dumps_rows(triples), ext="jsonl", files=files, stats={"rows": len(triples)})
 
 
-def split_held_out(triples: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Keep a stable hash-chosen share of synthetic queries aside (fusion weight, validation)."""
-    import hashlib
-
-    if fraction <= 0:
-        return list(triples), []
-    train, held = [], []
-    for t in triples:
-        h = int(hashlib.sha1(str(t["query_id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < fraction else train).append(t)
-    return train, held
-
-
 # Training stats that say how long an attempt took, not what it made: kept out of committed bytes.
 TIMING_STATS = ("seconds", "steps_per_second")
 
 
 def train_worker(shard: Shard) -> None:
-    from .rerank import choose_fusion_weight, load_reranker, rerank_run
-    from .train import train_model
+    from .rerank import fusion_weight_on_held_out, load_reranker
+    from .train import split_held_out, train_model
 
     run, config = shard.run, shard.run.config
     triples = run.read_rows("negatives", shard.shards_of("negatives"))
@@ -274,15 +252,9 @@ def train_worker(shard: Shard) -> None:
         shard.attempt["timing"] = {k: stats.pop(k) for k in TIMING_STATS if k in stats}
         fusion = {"weight": None, "reason": "no held-out synthetic queries"}
         if held_out and config.rerank.fusion:
-            # The fusion weight is chosen on held-out *synthetic* queries (their source document is
-            # the relevant one), never on the evaluation queries.
-            queries = {t["query_id"]: t["query"] for t in held_out}
-            qrels = {t["query_id"]: {t["pos_doc_id"]: 1} for t in held_out}
-            first = _bm25(config, docs).search(queries, config.rerank.depth)
+            # The fusion weight is chosen on held-out *synthetic* queries, never on the evaluation queries.
             reranker = load_reranker(str(model_dir), batch_size=config.rerank.batch_size, max_length=config.rerank.max_length)
-            second = rerank_run(first, queries, docs, reranker, depth=config.rerank.depth)
-            weight, scores = choose_fusion_weight(first, second, qrels)
-            fusion = {"weight": weight, "measure": "RR@10", "n_queries": len(queries), "grid": scores}
+            fusion = fusion_weight_on_held_out(held_out, _bm25(config, docs), docs, reranker, config.rerank.depth)
         stats = {**stats, "n_train_queries": len(train_rows), "n_held_out": len(held_out), "fusion": fusion}
         files: dict[str, Any] = {f"model/{p.relative_to(model_dir).as_posix()}": p for p in sorted(model_dir.rglob("*")) if p.is_file()}
         files["held_out.jsonl"] = dumps_rows(held_out)
@@ -291,7 +263,8 @@ def train_worker(shard: Shard) -> None:
 
 
 def rerank_worker(shard: Shard) -> None:
-    from .rerank import fuse_runs, load_reranker, rerank_run, with_tail
+    from .rerank import first_stage, load_reranker, rerank_run
+    from .runs import format_run, fuse_runs, read_run, with_tail
 
     run, index, count = shard.run, shard.index, shard.count
     config, cfg = run.config, run.config.rerank
@@ -299,47 +272,42 @@ def rerank_worker(shard: Shard) -> None:
     mine = dict(take_shard(list(queries.items()), index, count))
     docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
     if cfg.first_stage == "bm25":
-        # Retrieve deeper than we rerank, so recall measures (R@100, R@1000) stay meaningful.
-        first = _bm25(config, docs).search(mine, max(cfg.depth, FIRST_STAGE_DEPTH)) if mine else {}
+        first = first_stage(_bm25(config, docs), mine, cfg.depth) if mine else {}
     else:
-        given = corpus_io.read_run(fetch(cfg.first_stage))
+        given = read_run(fetch(cfg.first_stage))
         first = {q: given[q] for q in mine if q in given}
     fusion = json.loads(run.read_file("train", "fusion.json"))
     model = run.fetch("train", "model")
     reranker = load_reranker(str(model), batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device)
     reranked = rerank_run(first, mine, docs, reranker, depth=cfg.depth)
     name = shard_name(index, count, "trec")
-    files = {f"firststage-{name}": corpus_io.format_run(first, "firststage").encode()}
+    files = {f"firststage-{name}": format_run(first, "firststage").encode()}
     if fusion.get("weight") is not None:
         head = {q: {d: first[q][d] for d in reranked[q]} for q in reranked}
         fused = with_tail(fuse_runs(head, reranked, fusion["weight"]), first)
-        files[f"fused-{name}"] = corpus_io.format_run(fused, "fused").encode()
+        files[f"fused-{name}"] = format_run(fused, "fused").encode()
     reranked = with_tail(reranked, first)
     stats = {"rows": len(mine), "queries": len(mine), "unranked": sorted(q for q in mine if not first.get(q))}
-    shard.commit(corpus_io.format_run(reranked, "reranked").encode(), ext="trec", files=files, stats=stats)
+    shard.commit(format_run(reranked, "reranked").encode(), ext="trec", files=files, stats=stats)
 
 
 def _read_trec_shards(run: Run, prefix: str, count: int) -> dict | None:
     """One system's run from every rerank shard (``prefix``: "" reranked, "firststage-", "fused-")."""
+    from .runs import parse_trec
+
     out: dict[str, dict[str, float]] = {}
     for i in range(count):
         name = f"{prefix}{shard_name(i, count, 'trec')}"
         if not run.has_file("rerank", name, i, count):
             return None
         data = run.read_file("rerank", name, i, count)
-        where = run.storage.uri(f"rerank/{name}")
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise InputError(f"expected 6 TREC run columns, got {len(parts)}", path=where, line=lineno)
-            out.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+        for q, ranking in parse_trec(data.decode("utf-8").splitlines(), run.storage.uri(f"rerank/{name}")).items():
+            out.setdefault(q, {}).update(ranking)
     return out
 
 
 def evaluate_worker(shard: Shard) -> None:
-    from .evaluate import evaluate, format_table, paired_bootstrap
+    from .evaluate import compare_to_baseline, evaluate, format_table, natural_key
 
     run, config = shard.run, shard.run.config
     n_rerank = shard.shards_of("rerank")
@@ -356,14 +324,10 @@ def evaluate_worker(shard: Shard) -> None:
     results = {
         name: evaluate(r, qrels, config.evaluate.measures, exclude_queries=exclude, allow_missing=True) for name, r in systems.items()
     }
-    bootstrap = {
-        name: paired_bootstrap(results["bm25"]["per_query"]["nDCG@10"], results[name]["per_query"]["nDCG@10"])
-        for name in results
-        if name != "bm25" and "nDCG@10" in results[name]["per_query"]
-    }
+    bootstrap = compare_to_baseline(results, baseline="bm25", measure="nDCG@10")
     out = {
         "systems": results,
-        "excluded_queries": sorted(exclude & set(qrels), key=_natural),
+        "excluded_queries": sorted(exclude & set(qrels), key=natural_key),
         "unranked_queries": unranked,
         "bootstrap": bootstrap,
     }

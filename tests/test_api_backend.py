@@ -459,7 +459,7 @@ def test_journal_means_answered_documents_are_never_requested_again(llama_server
 def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
     """The generate stage with backend=openai: rows committed, usage in the marker, journal cleaned up."""
     from inpars.config import PipelineConfig
-    from inpars.stages import run_stage
+    from inpars.workers import run_stage
     from inpars.workspace import Run
 
     config = PipelineConfig().override(

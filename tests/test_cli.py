@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from inpars.corpus import read_jsonl, read_run
+from inpars.corpus import read_jsonl
 from inpars.errors import EXIT_PERMANENT
-from inpars.rerank import with_tail
+from inpars.runs import read_run
 
 SAMPLE = str(Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample")
 BIN = Path(sys.executable).parent
@@ -21,14 +21,6 @@ BIN = Path(sys.executable).parent
 def inpars(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([str(BIN / "inpars"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_with_tail_keeps_the_reranked_head_then_the_first_stage_order():
-    first = {"q": {"a": 9.0, "b": 8.0, "c": 7.0, "d": 6.0}}
-    head = {"q": {"b": 0.9, "a": 0.1}}
-    out = with_tail(head, first)["q"]
-    assert sorted(out, key=out.get, reverse=True) == ["b", "a", "c", "d"]
-    assert with_tail({}, first)["q"].keys() == first["q"].keys()
 
 
 @pytest.mark.slow

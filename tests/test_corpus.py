@@ -1,4 +1,4 @@
-"""Corpus, queries, qrels and run readers: every format, and errors that name the file and line."""
+"""Corpus, queries and qrels readers: every format, and errors that name the file and line (runs: test_runs.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ import pytest
 
 from inpars.corpus import (
     check_ids,
-    format_run,
     read_corpus,
     read_qrels,
     read_queries,
-    read_run,
     write_jsonl,
-    write_run,
 )
 from inpars.errors import InputError
 
@@ -93,18 +90,6 @@ def test_queries_jsonl_and_tsv(tmp_path):
         read_queries(tmp_path / "q.jsonl")
     (tmp_path / "q.tsv").write_text("1\twhat\n2\twhy\n", encoding="utf-8")
     assert read_queries(tmp_path / "q.tsv") == {"1": "what", "2": "why"}
-
-
-def test_run_round_trip_orders_and_breaks_ties(tmp_path):
-    run = {"q1": {"b": 1.0, "a": 1.0, "c": 2.0}, "q2": {"x": -1.0}}
-    write_run(run, tmp_path / "r.trec", tag="t")
-    lines = (tmp_path / "r.trec").read_text().splitlines()
-    assert [line.split()[2] for line in lines[:3]] == ["c", "a", "b"]  # by score, ties by doc id
-    assert lines[0].split()[3] == "1" and read_run(tmp_path / "r.trec") == run
-    assert format_run(run) == format_run(dict(run))
-    (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 high t\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"bad\.trec:1: score 'high'"):
-        read_run(tmp_path / "bad.trec")
 
 
 def test_check_ids_names_the_missing_id():

@@ -1,4 +1,5 @@
-"""evaluate(): hand-computed nDCG@10 / RR@10, missing and excluded queries; table; paired bootstrap."""
+"""evaluate(): hand-computed nDCG@10 / RR@10, RR against trec_eval, missing and excluded queries; which queries;
+table; paired bootstrap and the comparison with the baseline."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ir_measures
 import pytest
 
 from inpars.errors import ConfigError, InputError
-from inpars.evaluate import evaluate, format_table, paired_bootstrap
+from inpars.evaluate import compare_to_baseline, evaluate, evaluation_queries, format_table, paired_bootstrap
 
 QRELS = {"q1": {"d1": 1, "d2": 2, "d7": 0}, "q2": {"d3": 1}, "q3": {"d5": 1}}
 RUN = {
@@ -106,3 +107,45 @@ def test_paired_bootstrap():
 
     with pytest.raises(InputError, match="q0"):
         paired_bootstrap(a, {q: v for q, v in a.items() if q != "q0"})
+
+
+def test_plain_rr_is_trec_evals_recip_rank_and_rr10_is_not():
+    """``RR`` equals trec_eval's ``recip_rank`` query by query (first relevant anywhere, trec_eval's tie
+    order); ``RR@10`` is 0 beyond rank 10 and breaks ties the other way (ir-measures' MS MARCO provider)."""
+    import pytrec_eval
+
+    qrels = {"deep": {"d12": 1}, "tied": {"a": 1}, "top": {"x": 2, "y": 1}, "none": {"zz": 1}}
+    run = {
+        "deep": {f"d{i}": 100.0 - i for i in range(1, 30)},  # the relevant document at rank 12
+        "tied": {"a": 1.0, "b": 1.0, "c": 1.0},  # trec_eval ranks ties by doc id descending: c, b, a
+        "top": {"y": 3.0, "x": 2.0, "w": 1.0},
+        "none": {"p": 1.0, "q": 0.5},
+    }
+    res = evaluate(run, qrels, ["RR", "RR@10"])
+    reference = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)
+    assert res["per_query"]["RR"] == pytest.approx({q: v["recip_rank"] for q, v in reference.items()})
+    assert res["per_query"]["RR"] == pytest.approx({"deep": 1 / 12, "tied": 1 / 3, "top": 1.0, "none": 0.0})
+    assert res["per_query"]["RR@10"] == pytest.approx({"deep": 0.0, "tied": 1.0, "top": 1.0, "none": 0.0})
+
+
+def test_compare_to_baseline_bootstraps_every_other_system():
+    base = evaluate(RUN, QRELS, ["nDCG@10", "RR@10"])
+    better = evaluate({**RUN, "q3": {"d5": 1.0}}, QRELS, ["nDCG@10", "RR@10"])
+    rr_only = evaluate(RUN, QRELS, ["RR@10"])
+    out = compare_to_baseline({"bm25": base, "reranked": better, "other": rr_only}, n_samples=200, seed=4)
+    assert set(out) == {"reranked"}  # "other" has no nDCG@10
+    assert out["reranked"] == paired_bootstrap(base["per_query"]["nDCG@10"], better["per_query"]["nDCG@10"], n_samples=200, seed=4)
+    assert out["reranked"]["wins"] == 1 and out["reranked"]["ties"] == 2
+    by_rr = compare_to_baseline({"BM25": base, "other": rr_only}, baseline="BM25", measure="RR@10")
+    assert by_rr["other"]["mean_diff"] == 0.0
+    with pytest.raises(ConfigError, match="'bm25'"):
+        compare_to_baseline({"BM25": base, "other": rr_only})
+
+
+def test_evaluation_queries_are_the_judged_ones_in_natural_order():
+    queries = {"10": "ten", "9": "nine", "x": "ex", "2": "two", "unjudged": "u"}
+    qrels = {"10": {"d": 1}, "x": {"d": 1}, "9": {"d": 1}, "2": {"d": 0}}
+    assert list(evaluation_queries(queries, qrels)) == ["2", "9", "10", "x"]
+    assert evaluation_queries(queries, qrels, exclude={"9", "nope"}) == {"2": "two", "10": "ten", "x": "ex"}
+    with pytest.raises(InputError, match="qrels query id '11' is not in queries.jsonl"):
+        evaluation_queries(queries, {**qrels, "11": {"d": 1}}, source="queries.jsonl")

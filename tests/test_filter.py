@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def row(qid: str, query: str, doc: Document, log_probs=(-1.0,)) -> dict:
 
 def cfg(**kw) -> FilterConfig:
     base = dict(keep_fraction=None, min_query_tokens=3, max_query_tokens=30)
-    return dataclasses.replace(FilterConfig(), **(base | kw))
+    return FilterConfig.of(**(base | kw))  # validated: a bad value is a ConfigError here
 
 
 @pytest.fixture(scope="module")

@@ -238,3 +238,15 @@ def test_gguf_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
         f.write(b"\xff")
     keys = [_gguf_cache_dir(ModelSource(str(p.parent), p.name)) for p in paths]
     assert keys[0] == keys[1] != keys[2] and keys[0].parent == tmp_path / "cache" / "gguf"
+
+
+def test_fewshot_query_ids_are_the_examples_shown():
+    from inpars.generate import fewshot_query_ids
+
+    rows = [
+        {"query": "a", "fewshot_examples": [{"query_id": "7", "query": "x"}, {"query_id": 12, "query": "y"}]},
+        {"query": "b", "fewshot_examples": [{"query_id": None, "query": "ms marco"}, {"query_id": "7", "query": "x"}]},
+        {"query": "c", "fewshot_examples": []},
+        {"query": "d"},
+    ]
+    assert fewshot_query_ids(rows) == {"7", "12"}

@@ -1,8 +1,7 @@
-"""Reranker scoring (fast path vs a plain loop), rerank_run, fusion and the fusion-weight choice."""
+"""Reranker scoring (fast path vs a plain loop), the first stage, rerank_run and the held-out fusion weight."""
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -10,15 +9,10 @@ import pytest
 import torch
 
 from inpars.corpus import read_corpus, read_qrels, read_queries
+from inpars.encoding import encode_pairs, guess_model_type
 from inpars.errors import InputError
 from inpars.models import resolve_model
-from inpars.rerank import (
-    choose_fusion_weight,
-    fuse_runs,
-    guess_model_type,
-    load_reranker,
-    rerank_run,
-)
+from inpars.rerank import FIRST_STAGE_DEPTH, first_stage, fusion_weight_on_held_out, load_reranker, rerank_run
 
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
 
@@ -150,8 +144,6 @@ def test_monot5_score_is_log_p_true_at_first_step(tmp_path, pairs):
 
 def test_monot5_truncation_keeps_the_document_and_the_prompt_end(tmp_path):
     rr = load_reranker(tiny_t5(tmp_path / "t5"), dtype="float32", max_length=64)
-    from inpars.rerank import encode_pairs
-
     (enc,) = encode_pairs(rr.tokenizer, "monot5", ["q" * 200], ["d" * 200], 64)
     text = rr.tokenizer.decode(enc["input_ids"])
     assert len(enc["input_ids"]) == 64 and text.endswith(" Relevant:</s>") and "Document: ddd" in text
@@ -193,97 +185,31 @@ def test_rerank_run_keeps_depth_and_names_missing_ids(tmp_path, sample):
     assert set(rerank_run({"3": {ids[0]: 2.0, "missing-doc": 1.0}}, queries, docs, rr, depth=1)["3"]) == {ids[0]}
 
 
-def test_fuse_runs_min_max_union():
-    first = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
-    second = {"q": {"c": 10.0, "b": 5.0, "d": 0.0}, "q2": {"x": 1.0}}
-    fused = fuse_runs(first, second, 0.25)
-    assert fused["q"] == pytest.approx({"a": 0.25, "b": 0.125 + 0.375, "c": 0.75, "d": 0.0})
-    assert fused["q2"] == {"x": 0.0}  # one doc: min == max, no order information
-    assert fuse_runs(first, second, 1.0)["q"] == pytest.approx({"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.0})
+@pytest.fixture(scope="module")
+def index(sample):
+    from inpars.bm25 import build_index
+
+    return build_index(sample[0])
 
 
-def test_choose_fusion_weight_finds_the_known_best():
-    # q1: the relevant doc r wins iff w < 2/3; q2: iff w > 0.526. Only w = 0.6 gets both right.
-    first = {"q1": {"r": 0.5, "a": 1.0, "b": 0.0}, "q2": {"r": 1.0, "a": 0.1, "b": 0.0}}
-    second = {"q1": {"r": 1.0, "a": 0.0, "b": 0.5}, "q2": {"r": 0.0, "a": 1.0, "b": 0.45}}
-    qrels = {"q1": {"r": 1}, "q2": {"r": 1}}
-    best, values = choose_fusion_weight(first, second, qrels)
-    assert best == 0.6
-    assert values[0.6] == pytest.approx(1.0)
-    assert values[0.5] == pytest.approx(0.75) and values[0.7] == pytest.approx(0.75)
-    assert len(values) == 11 and all(math.isfinite(v) for v in values.values())
-    with pytest.raises(InputError):
-        choose_fusion_weight(first, second, {"other": {"r": 1}})
+def test_first_stage_retrieves_deeper_than_it_reranks(sample, index):
+    docs, queries, qrels = sample
+    qs = {q: queries[q] for q in sorted(qrels)[:3]}
+    assert FIRST_STAGE_DEPTH == 1000
+    assert first_stage(index, qs, 5) == index.search(qs, FIRST_STAGE_DEPTH)
+    assert first_stage(index, qs, 2000) == index.search(qs, 2000)
+    assert first_stage(index, {}, 5) == {}
 
 
-def test_fusion_weight_ties_go_to_the_middle_of_the_plateau():
-    # Both runs rank the relevant document first: every weight scores RR@10 = 1.
-    first = {"q": {"rel": 2.0, "other": 1.0}}
-    second = {"q": {"rel": 0.9, "other": 0.1}}
-    weight, values = choose_fusion_weight(first, second, {"q": {"rel": 1}})
-    assert set(values.values()) == {1.0} and weight == pytest.approx(0.5)
-
-
-def _mixed_pairs(sample, n: int = 400) -> list[tuple[str, str]]:
-    """Realistic pairs, plus pairs whose *query* is the longer text (cut mid-word at random)."""
-    docs, queries, _ = sample
-    rng = random.Random(3)
-    texts = [d.contents for d in docs.values()]
-    out = [(rng.choice(list(queries.values())), rng.choice(texts)) for _ in range(n)]
-    out += [(rng.choice(texts)[: rng.randrange(1, 2500)], rng.choice(texts)[: rng.randrange(1, 2500)]) for _ in range(n)]
-    return out
-
-
-@pytest.mark.parametrize("max_length", [32, 63, 256, 257])
-def test_pairs_assembled_from_distinct_texts_equal_the_tokenizers_own(sample, max_length):
-    """Tokenizing each distinct text once and assembling the pairs gives exactly the ids and token types
-    of ``tokenizer(q, d, truncation="longest_first")``, long queries and odd budgets included."""
-    from transformers import AutoTokenizer
-
-    from inpars.rerank import encode_pairs
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").name_or_path)
-    pairs = _mixed_pairs(sample)
-    qs, ds = [q for q, _ in pairs], [d for _, d in pairs]
-    ours = encode_pairs(tokenizer, "cross-encoder", qs, ds, max_length)
-    ref = tokenizer(qs, ds, truncation="longest_first", max_length=max_length)
-    assert [o["input_ids"] for o in ours] == ref["input_ids"]
-    assert [o["token_type_ids"] for o in ours] == ref["token_type_ids"]
-    assert max(len(o["input_ids"]) for o in ours) == max_length  # truncation was exercised
-
-
-def test_pair_layout_is_learnt_from_the_tokenizer(sample):
-    """A RoBERTa-style layout (<s> q </s></s> d </s>, no token types) is reproduced too."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from inpars.rerank import encode_pairs
-
-    pairs = _mixed_pairs(sample, 100)
-    words = sorted({w for q, d in pairs for w in (q + " " + d).split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_input_names=["input_ids", "attention_mask"]
-    )
-    qs, ds = [q for q, _ in pairs], [d for _, d in pairs]
-    ours = encode_pairs(tokenizer, "cross-encoder", qs, ds, 101)
-    ref = tokenizer(qs, ds, truncation="longest_first", max_length=101)
-    assert [o["input_ids"] for o in ours] == ref["input_ids"]
-    assert all(set(o) == {"input_ids"} for o in ours)
-    assert ours[0]["input_ids"][0] == 1 and ours[0]["input_ids"].count(2) == 3
-
-
-def test_collate_pads_right_and_masks(sample):
-    from inpars.rerank import collate
-
-    feats = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1]}, {"input_ids": [8], "token_type_ids": [0]}]
-    batch = collate(feats, pad_id=0, multiple_of=4)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
-    assert batch["input_ids"].dtype == torch.long
+def test_fusion_weight_on_held_out_synthetic_queries(tmp_path, sample, index):
+    docs, _, _ = sample
+    rr = load_reranker(tiny_t5(tmp_path / "t5"), dtype="float32", max_length=128)
+    # Held-out synthetic queries: each document's title, its source document the one relevant.
+    held = [{"query_id": f"s{i}", "query": docs[d].title, "pos_doc_id": d} for i, d in enumerate(sorted(docs)[:8])]
+    out = fusion_weight_on_held_out(held, index, docs, rr, depth=5)
+    assert set(out) == {"weight", "measure", "n_queries", "grid"} and out["measure"] == "RR@10" and out["n_queries"] == 8
+    grid = out["grid"]
+    assert out["weight"] in grid and grid[out["weight"]] == max(grid.values())
+    # BM25 finds a title's document; an untrained random T5 does not: the weight leans to BM25.
+    assert grid[1.0] > grid[0.0] and out["weight"] > 0.5
+    assert fusion_weight_on_held_out([], index, docs, rr, depth=5) == {"weight": None, "reason": "no held-out synthetic queries"}

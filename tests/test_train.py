@@ -200,10 +200,11 @@ def test_bad_examples_name_the_id(sample, tmp_path):
     rows[1]["neg_doc_ids"] = ["no-such-doc"]
     with pytest.raises(InputError, match="no-such-doc"):
         train_model(rows, docs, TrainConfig(max_steps=1), tmp_path / "x")
+    # Unknown settings are refused when the config is built, before any training starts.
     with pytest.raises(ConfigError, match="model_type"):
-        train_model(rows[:1], docs, TrainConfig(model_type="colbert"), tmp_path / "x")
+        train_model(rows[:1], docs, TrainConfig.of(model_type="colbert"), tmp_path / "x")
     with pytest.raises(ConfigError, match="loss"):
-        train_model(rows[:1], docs, TrainConfig(loss="hinge"), tmp_path / "x")
+        train_model(rows[:1], docs, TrainConfig.of(loss="hinge"), tmp_path / "x")
 
 
 def test_cross_encoder_bce_on_a_tiny_bert(sample, tmp_path):
@@ -314,4 +315,17 @@ def test_keep_initial_averages_trained_and_starting_weights(sample, tmp_path):
     # The classification head is new: it is not pulled back to its random initialisation.
     assert torch.equal(runs[1.0]["classifier.weight"], runs[0.0]["classifier.weight"])
     with pytest.raises(ConfigError, match="keep_initial"):
-        train_model(rows, docs, TrainConfig(model=base, keep_initial=1.5, max_steps=1), tmp_path / "bad")
+        train_model(rows, docs, TrainConfig.of(model=base, keep_initial=1.5, max_steps=1), tmp_path / "bad")
+
+
+def test_split_held_out_depends_on_the_query_id_only():
+    from inpars.train import split_held_out
+
+    rows = [{"query_id": f"doc{i}-0", "n": i} for i in range(400)]
+    train, held = split_held_out(rows, 0.1)
+    assert len(train) + len(held) == 400 and 20 <= len(held) <= 60
+    assert {r["query_id"] for r in train}.isdisjoint(r["query_id"] for r in held)
+    # The same id is held out whatever else is in the list (another filter's rows, a shuffled order).
+    again_train, again_held = split_held_out(list(reversed(rows[:200])), 0.1)
+    assert {r["query_id"] for r in again_held} == {r["query_id"] for r in held if r["n"] < 200}
+    assert split_held_out(rows, 0) == (rows, [])
