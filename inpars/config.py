@@ -53,6 +53,13 @@ class GenerateConfig:
     prices: dict[str, float] = field(default_factory=dict)  # per 1M tokens: {"prompt": x, "completion": y}
     budget_usd: float | None = None
     tokenizer: str | None = None  # API backend: local HF tokenizer (alias/id/path) when the server has no /tokenize
+    # Passed through to the openai SDK (OpenAI-Organization / OpenAI-Project headers); None: the SDK's
+    # default (its OPENAI_ORG_ID / OPENAI_PROJECT_ID variables, else not sent).
+    organization: str | None = None
+    project: str | None = None
+    # Azure OpenAI: setting api_version (e.g. "2024-10-21") selects it; base_url is then the resource
+    # endpoint (https://NAME.openai.azure.com), model the deployment name, the key sent as `api-key`.
+    api_version: str | None = None
 
 
 @dataclass

@@ -70,7 +70,7 @@ def generate_worker(run: Run, index: int, count: int) -> None:
     prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(ds.fewshot) if ds.fewshot else None)
     backend = get_backend(cfg.backend, cfg)
     journal = None
-    if hasattr(backend, "use_journal"):
+    if backend.supports_journal:
         # Paid API answers are journaled as they arrive, so a crash mid-chunk re-requests nothing.
         # (On a gs:// workspace the journal is local to the machine: a pod on another node starts afresh.)
         journal = run.local_dir("generate", "_journal") / f"{shard_name(index, count, 'jsonl')}"
@@ -109,9 +109,9 @@ def generate_worker(run: Run, index: int, count: int) -> None:
         "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in rows),
     }
     stats = {"rows": len(rows), "usage": usage}
-    backend_usage = getattr(backend, "usage_summary", None)
-    if callable(backend_usage):
-        stats["api"] = backend_usage()
+    backend_usage = backend.usage_summary()
+    if backend_usage is not None:
+        stats["api"] = backend_usage
     run.commit_shard("generate", index, count, dumps_rows(rows), ext="jsonl", stats=stats)
     checkpoint.clear()
     if journal is not None:
