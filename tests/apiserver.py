@@ -79,6 +79,8 @@ class ApiServer:
 
 def _handler(api: ApiServer):
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like real servers (every reply has a Content-Length)
+
         def log_message(self, *args) -> None:  # quiet
             pass
 

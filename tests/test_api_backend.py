@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inpars.backends.base import query_tokens
+from inpars.backends.base import GenerationBackend, query_tokens
 from inpars.backends.journal import AnswerJournal
 from inpars.backends.openai_api import OpenAIBackend
 from inpars.config import GenerateConfig
@@ -650,3 +650,24 @@ def test_server_errors_are_retried_by_the_sdk_and_counted(key_env):
         rows = backend.generate(["p"], max_new_tokens=4)
     assert rows[0].text and len(server.requests) == 3
     assert backend.usage_summary()["retries"] == {"server_error": 2}
+
+
+def test_optional_backend_hooks_are_declared(tmp_path):
+    """Callers use the hooks declared on GenerationBackend, never hasattr: neutral defaults, overridden by the API."""
+    from inpars.backends import backend_class
+
+    assert {name: backend_class(name).supports_journal for name in ("transformers", "openai", "vllm")} == {
+        "transformers": False,
+        "openai": True,
+        "vllm": False,
+    }
+    assert backend_class("transformers").usage_summary is GenerationBackend.usage_summary
+    assert backend_class("openai").usage_summary is not GenerationBackend.usage_summary
+
+    class Minimal(GenerationBackend):
+        model_identity = "m"
+        from_config = generate = truncate = count_tokens = None
+
+    plain = Minimal()
+    plain.use_journal(tmp_path / "journal.jsonl")  # a no-op
+    assert plain.usage_summary() is None and plain.batch_size == 1 and not (tmp_path / "journal.jsonl").exists()
