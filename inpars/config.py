@@ -98,6 +98,13 @@ class GenerateConfig(Section):
     prices: dict[Literal["prompt", "completion"], Annotated[StrictFloat, Field(ge=0.0)]] = Field(default_factory=dict)  # USD per 1M
     budget_usd: Annotated[StrictFloat, Field(ge=0.0)] | None = None  # one budget for the whole run (all shards)
     tokenizer: str | None = None  # API backend: local HF tokenizer (alias/id/path) when the server has no /tokenize
+    # Passed through to the openai SDK (OpenAI-Organization / OpenAI-Project headers); None: the SDK's
+    # default (its OPENAI_ORG_ID / OPENAI_PROJECT_ID variables, else not sent).
+    organization: str | None = None
+    project: str | None = None
+    # Azure OpenAI: setting api_version (e.g. "2024-10-21") selects it; base_url is then the resource
+    # endpoint (https://NAME.openai.azure.com), model the deployment name, the key sent as `api-key`.
+    api_version: str | None = None
 
     @model_validator(mode="after")
     def _api_settings(self) -> GenerateConfig:

@@ -54,8 +54,7 @@ def generate_queries(
     called with the number of documents finished after each call. An empty generation still yields a
     row (``query == ""``): the filter stage drops it with a reason, nothing is dropped silently here.
     """
-    if hasattr(backend, "batch_size"):
-        backend.batch_size = max(1, int(batch_size))
+    backend.batch_size = max(1, int(batch_size))
     built = [
         prompt.build(doc, truncate=backend.truncate, max_doc_tokens=max_doc_tokens, max_example_tokens=max_example_tokens, seed=seed)
         for doc in docs

@@ -158,7 +158,7 @@ class BudgetGuard:
     in flight. ``reserve`` raises :class:`BudgetExceeded` when ``spent + reserved + worst > budget``.
     """
 
-    def __init__(self, budget_usd: float | None, prices: PriceTable | None):
+    def __init__(self, budget_usd: float | None, prices: PriceTable | None, ledger: Any = None):
         if budget_usd is not None and budget_usd < 0:
             raise ConfigError(f"generate.budget_usd must be >= 0, got {budget_usd}")
         if budget_usd is not None and prices is None:
@@ -170,13 +170,29 @@ class BudgetGuard:
         self.prices = prices or PriceTable()
         self.spent = 0.0
         self.reserved = 0.0
+        # The run's ledger (inpars.ledger.Ledger): the budget is then the whole run's, booked in blocks
+        # shared by every shard, pod and retry, instead of this process's own.
+        self.ledger = ledger
         self._lock = threading.Lock()
 
     def reserve(self, prompt_tokens: int, max_new_tokens: int) -> Reservation:
         """Book the worst case of one request, or raise :class:`BudgetExceeded`."""
         worst = self.prices.cost(prompt_tokens, max_new_tokens)
         with self._lock:
-            if self.budget_usd is not None and self.spent + self.reserved + worst > self.budget_usd:
+            need = self.spent + self.reserved + worst
+            if self.ledger is not None:
+                if not self.ledger.ensure(need):
+                    raise BudgetExceeded(
+                        f"the run's budget of ${self.ledger.budget:.4f} is booked by its shards: ${self.spent:.6f} spent here, "
+                        f"${self.reserved:.6f} in flight, the next request could cost up to ${worst:.6f}"
+                    )
+                if self.ledger.used_before + need > self.ledger.mark:
+                    # Noted before the request is sent (and a block ahead, to write rarely), so a crash
+                    # never leaves spend the ledger does not know of.
+                    self.ledger.note_used(need, ahead=self.ledger.block)
+                self.reserved += worst
+                return Reservation(worst)
+            if self.budget_usd is not None and need > self.budget_usd:
                 raise BudgetExceeded(
                     f"budget of ${self.budget_usd:.4f} reached: ${self.spent:.6f} spent, ${self.reserved:.6f} in flight, "
                     f"the next request could cost up to ${worst:.6f}"

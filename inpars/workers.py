@@ -107,7 +107,9 @@ def _read_fewshot_ids(run: Run) -> set[str]:
 
 def generate_worker(shard: Shard) -> None:
     from .backends import get_backend
+    from .backends.journal import AnswerJournal, StorageJournalSink
     from .generate import generate_queries, sample_documents
+    from .ledger import Ledger
     from .prompts import load_prompt
     from .usage import BudgetExceeded
     from .workspace import checkpointed_map
@@ -119,12 +121,19 @@ def generate_worker(shard: Shard) -> None:
     mine = take_shard(sample_documents(docs, cfg.n_docs, cfg.seed), index, count)
     prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(ds.fewshot) if ds.fewshot else None)
     backend = get_backend(cfg.backend, cfg)
-    journal = None
-    if hasattr(backend, "use_journal"):
-        # Paid API answers are journaled as they arrive, so a crash mid-chunk re-requests nothing.
-        folder = Path(run.uri) / "generate" / "_journal" if run.is_local else scratch_root() / "journal" / run.run_id
-        journal = folder / shard_name(index, count, "jsonl")
+    name = shard_name(index, count, "jsonl")
+    journal = ledger = None
+    if backend.supports_journal:
+        # Paid answers are journaled as they arrive (a local file, and segments in the workspace), so
+        # a worker that crashed mid-chunk, here or on another machine, never pays twice for a document.
+        local = Path(run.uri) / "generate" / "_journal" / name if run.is_local else scratch_root() / "journal" / run.run_id / name
+        remote = None if run.is_local else StorageJournalSink(run.storage, f"generate/_journal/{name.removesuffix('.jsonl')}")
+        journal = AnswerJournal(local, remote)
         backend.use_journal(journal)
+    if cfg.budget_usd is not None:
+        # One budget for the whole run, booked in the workspace by every shard, pod and retry.
+        ledger = Ledger(run.storage, cfg.budget_usd, f"generate-{index:05d}-of-{count:05d}", shards=count)
+        backend.use_ledger(ledger)
     checkpoint = shard.checkpoint()
     try:
 
@@ -152,22 +161,25 @@ def generate_worker(shard: Shard) -> None:
             # requests (at most generate.checkpoint_every documents) are made again on resume.
             done = sum(len(c) for c in checkpoint.load())
             raise BudgetExceeded(
-                f"generate shard {index}/{count}: the budget of ${cfg.budget_usd} was reached after {done} of {len(mine)} "
-                f"documents (checkpointed); raise generate.budget_usd and run `inpars-launch resume`"
+                f"generate shard {index}/{count}: the run's budget of ${cfg.budget_usd} was reached after {done} of {len(mine)} "
+                f"documents (checkpointed); raise it with `inpars-launch resume RUN --set generate.budget_usd=...`"
             ) from None
     finally:
         backend.close()
+        if ledger is not None:
+            ledger.release_unused(backend.usage_summary().get("cost_usd") or 0.0)
+            shard.attempt["budget"] = ledger.summary()
     usage = {
         "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in rows),
         "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in rows),
     }
-    backend_usage = getattr(backend, "usage_summary", None)
-    if callable(backend_usage):
-        shard.attempt["api"] = backend_usage()  # retries and timings differ between attempts: not committed
+    backend_usage = backend.usage_summary()
+    if backend_usage is not None:
+        shard.attempt["api"] = backend_usage  # retries and timings differ between attempts: not committed
     shard.commit(dumps_rows(rows), ext="jsonl", stats={"rows": len(rows), "usage": usage})
     checkpoint.clear()
     if journal is not None:
-        journal.unlink(missing_ok=True)
+        journal.clear()
 
 
 def _prompt_name(config: PipelineConfig) -> str:

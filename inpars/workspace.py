@@ -46,7 +46,7 @@ from .config import PipelineConfig
 from .corpus import dumps_row, parse_jsonl_lines
 from .errors import InParsError, InputError
 from .leases import Lease
-from .secrets import find_secret, secret_values
+from .secrets import find_secret, named_secrets
 from .shards import shard_name, shard_range
 from .storage import Storage, cache_root, check_key, is_remote, join_key, open_storage, sha256_hex
 
@@ -231,7 +231,7 @@ class Run:
         self._manifest = manifest
         self.run_id: str = check_run_id(manifest["run_id"])
         self.config = self._effective_config()
-        self._secrets = secret_values(secret_env_names(self.config))
+        self._secrets = named_secrets(secret_env_names(self.config))
         self.bytes_read = 0  # what this process read from the workspace (benchmarks, attempt records)
 
     def __repr__(self) -> str:
@@ -266,7 +266,7 @@ class Run:
             **_identity(config),
         }
         payload = _dumps(manifest)
-        _refuse_secrets(payload, secret_values(secret_env_names(config)), f"{uri}/{MANIFEST}")
+        _refuse_secrets(payload, named_secrets(secret_env_names(config)), f"{uri}/{MANIFEST}")
         if storage.create_if_absent(MANIFEST, payload):
             return cls(uri, manifest, storage)
         existing = cls.open(uri)
@@ -781,9 +781,9 @@ def iter_jsonl_file(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 def _refuse_secrets(payload: bytes | str, secrets: dict[str, str], where: str) -> None:
-    name = find_secret(payload, secrets) if secrets else None
-    if name:
-        raise InParsError(f"refusing to write the value of ${name} (a secret) into {where}")
+    what = find_secret(payload, secrets) if secrets else None
+    if what:
+        raise InParsError(f"refusing to write {what} (a secret) into {where}")
 
 
 def parse_jsonl(data: bytes, where: str) -> list[dict]:

@@ -1,11 +1,14 @@
 """The OpenAI-compatible API backend against a REAL llama.cpp server (llama-cpp-python[server]) on
-loopback serving the packaged SmolLM2 GGUF, with faults injected by tests/faultproxy.py.
+loopback serving the packaged SmolLM2 GGUF, with faults injected by tests/faultproxy.py; what the client
+sends (Azure, organization, project, Retry-After) and a server echoing the key, against the recording
+server of tests/apiserver.py.
 
 Server tests are marked ``server`` and skip when llama_cpp is not importable.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import logging
@@ -21,13 +24,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inpars.backends.openai_api import OpenAIBackend, _query_tokens, _retry_after
+from inpars.backends.base import GenerationBackend, query_tokens
+from inpars.backends.journal import AnswerJournal
+from inpars.backends.openai_api import OpenAIBackend
 from inpars.config import GenerateConfig
 from inpars.corpus import read_corpus
-from inpars.errors import ConfigError, TransientError
+from inpars.errors import ConfigError, InParsError, TransientError
 from inpars.usage import BudgetExceeded, BudgetGuard, PriceTable, Usage, estimate_cost
 
 sys.path.insert(0, str(Path(__file__).parent))
+from apiserver import ApiServer, answer_completions, completion, echo_authorization
 from faultproxy import FaultProxy
 
 KEY_ENV = "INPARS_TEST_API_KEY"
@@ -127,9 +133,7 @@ def _backend(base_url: str, **kw) -> OpenAIBackend:
     kw.setdefault("api_key_env", KEY_ENV)
     kw.setdefault("concurrency", 4)
     kw.setdefault("request_timeout", 60.0)
-    backend = OpenAIBackend("smollm2-135m", base_url=base_url, **kw)
-    backend.backoff_base = 0.02  # keep test retries fast; the policy is the same
-    return backend
+    return OpenAIBackend("smollm2-135m", base_url=base_url, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -369,20 +373,11 @@ def test_prices_and_usage():
 # ---------------------------------------------------------------------------- small units
 
 
-def test_retry_after_forms():
-    assert _retry_after(httpx.Headers({"Retry-After": "2"})) == 2.0
-    assert _retry_after(httpx.Headers({"retry-after-ms": "250", "Retry-After": "9"})) == 0.25
-    when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 <= _retry_after(httpx.Headers({"Retry-After": when})) <= 31
-    assert _retry_after(httpx.Headers({})) is None
-    assert _retry_after(httpx.Headers({"Retry-After": "soon"})) is None
-
-
 def test_query_tokens_cut_at_newline():
-    assert _query_tokens([" what", " is", "\n", " x"], [-1.0, -0.5, -0.1, -2.0]) == ([" what", " is"], [-1.0, -0.5])
-    assert _query_tokens([" why", "?\n"], [-1.0, -0.2]) == ([" why", "?\n"], [-1.0, -0.2])
-    assert _query_tokens(["\n"], [-0.1]) == ([], [])
-    tokens, values = _query_tokens([" a", " b"], [None, float("-inf")])
+    assert query_tokens([" what", " is", "\n", " x"], [-1.0, -0.5, -0.1, -2.0]) == ([" what", " is"], [-1.0, -0.5])
+    assert query_tokens([" why", "?\n"], [-1.0, -0.2]) == ([" why", "?\n"], [-1.0, -0.2])
+    assert query_tokens(["\n"], [-0.1]) == ([], [])
+    tokens, values = query_tokens([" a", " b"], [None, float("-inf")])
     assert tokens == [" a", " b"] and all(math.isfinite(v) for v in values)
 
 
@@ -457,7 +452,7 @@ def test_journal_means_answered_documents_are_never_requested_again(llama_server
 
 @pytest.mark.server
 def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
-    """The generate stage with backend=openai: rows committed, usage in the marker, journal cleaned up."""
+    """The generate stage with backend=openai: rows committed, usage in the attempt record, journal cleaned up."""
     from inpars.config import PipelineConfig
     from inpars.workers import run_stage
     from inpars.workspace import Run
@@ -479,10 +474,201 @@ def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
     assert run_stage(run.uri, "generate", 0) is True
     rows = run.read_rows("generate", 1)
     assert len(rows) == 3 and all(r["log_probs"] and "\n" not in r["query"] for r in rows)
-    marker = run.shard_marker("generate", 0, 1)
-    api = marker["stats"]["api"]
+    # Request and retry counts differ between attempts: they are in the attempt's record, not committed.
+    assert "api" not in run.shard_marker("generate", 0, 1)["stats"]
+    api = next(a for a in run.attempts("generate", 0, 1) if a.get("outcome") == "committed")["api"]
     assert api["requests"] == 3 and api["prompt_tokens"] > 0
     assert api["completion_tokens"] >= sum(len(r["log_probs"]) for r in rows)  # the server also counts the stop token
     assert not any((tmp_path / "ws" / "runs" / "api-run" / "generate" / "_journal").glob("*.jsonl"))
     manifest = (tmp_path / "ws" / "runs" / "api-run" / "manifest.json").read_text()
     assert SERVER_KEY not in manifest and SERVER_KEY not in json.dumps(rows)
+
+
+# ---------------------------------------------------------------------------- what the client sends (recording server)
+
+
+def _stub_backend(url: str, **kw) -> OpenAIBackend:
+    kw.setdefault("api_key_env", KEY_ENV)
+    kw.setdefault("request_timeout", 10.0)
+    return OpenAIBackend(kw.pop("model", "smollm2-135m"), base_url=url, **kw)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_organization_and_project_pass_through(key_env, chat):
+    with ApiServer() as server:
+        backend = _stub_backend(f"{server.url}/v1", organization="org-inpars-1", project="proj_inpars_2", chat=chat, concurrency=2)
+        rows = backend.generate(["first prompt", "second prompt"], max_new_tokens=8)
+    assert [g.text for g in rows] == ["what does aspirin do"] * 2
+    assert all(len(g.tokens) == len(g.log_probs) == 4 for g in rows)
+    assert len(server.requests) == 2
+    for request in server.requests:
+        assert request.path == ("/v1/chat/completions" if chat else "/v1/completions")
+        assert request.headers["authorization"] == f"Bearer {SERVER_KEY}"
+        assert request.headers["openai-organization"] == "org-inpars-1"
+        assert request.headers["openai-project"] == "proj_inpars_2"
+        assert request.body["model"] == "smollm2-135m" and request.body["stop"] == ["\n"] and request.body["max_tokens"] == 8
+        assert request.body["logprobs"] is True if chat else request.body["logprobs"] == 1
+    prompts = sorted(r.body["messages"][-1]["content"] if chat else r.body["prompt"] for r in server.requests)
+    assert prompts == ["first prompt", "second prompt"]  # one prompt per request
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_azure_pass_through(key_env, chat):
+    with ApiServer() as server:
+        backend = _stub_backend(server.url, model="my-deployment", api_version="2024-10-21", chat=chat)
+        assert backend.endpoint == f"{server.url}/openai/deployments/my-deployment/{'chat/completions' if chat else 'completions'}"
+        rows = backend.generate(["a prompt"], max_new_tokens=8)
+        assert backend.tokenizer_kind == "approx"  # Azure has no tokenize endpoint: none is probed
+    assert rows[0].text == "what does aspirin do"
+    (request,) = server.requests
+    assert request.path == f"/openai/deployments/my-deployment/{'chat/completions' if chat else 'completions'}"
+    assert request.query == {"api-version": "2024-10-21"}
+    assert request.headers["api-key"] == SERVER_KEY and "authorization" not in request.headers
+
+
+def test_azure_needs_endpoint_and_key(monkeypatch):
+    monkeypatch.delenv("INPARS_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ConfigError, match="base_url"):
+        OpenAIBackend("dep", api_version="2024-10-21", api_key_env=KEY_ENV)
+    with pytest.raises(ConfigError, match="INPARS_NO_SUCH_KEY"):
+        OpenAIBackend("dep", base_url="https://x.openai.azure.com", api_version="2024-10-21", api_key_env="INPARS_NO_SUCH_KEY")
+
+
+def test_settings_come_from_the_config(key_env):
+    config = GenerateConfig(
+        backend="openai",
+        base_url="https://x.openai.azure.com",
+        api_key_env=KEY_ENV,
+        model="dep",
+        organization="o",
+        project="p",
+        api_version="v1",
+    )
+    backend = OpenAIBackend.from_config(config)
+    assert (backend.azure, backend.organization, backend.project, backend.api_version) == (True, "o", "p", "v1")
+    assert SERVER_KEY not in repr(config) and SERVER_KEY not in repr(backend)
+
+
+def test_no_key_sends_no_authorization(monkeypatch):
+    monkeypatch.delenv("INPARS_NO_SUCH_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-server-0123456789")  # never picked up by the SDK
+    with ApiServer() as server:
+        backend = _stub_backend(f"{server.url}/v1", api_key_env="INPARS_NO_SUCH_KEY")
+        backend.generate(["p"], max_new_tokens=4)
+    assert "authorization" not in server.requests[0].headers
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        pytest.param(lambda key: key, id="whole"),
+        pytest.param(lambda key: key[5:17], id="fragment"),
+        pytest.param(lambda key: base64.b64encode(f"user:{key}".encode()).decode(), id="base64"),
+    ],
+)
+def test_echoing_server_never_hands_back_the_key(key_env, tmp_path, caplog, echo):
+    caplog.set_level(logging.DEBUG)
+    journal = AnswerJournal(tmp_path / "journal.jsonl")
+    with ApiServer(echo_authorization(echo)) as server:
+        backend = _stub_backend(f"{server.url}/v1", concurrency=1)
+        backend.use_journal(journal)
+        with pytest.raises(ConfigError, match=f"{KEY_ENV}.*echoes credentials") as info:
+            backend.generate(["p1", "p2"], max_new_tokens=8)
+    for text in (str(info.value), repr(info.value), caplog.text):
+        assert SERVER_KEY not in text and SERVER_KEY[5:17] not in text
+    assert len(journal) == 0 and not (tmp_path / "journal.jsonl").exists()  # nothing kept
+    assert backend.usage.requests == 0 and backend.usage.errors == 1
+    assert len(server.requests) == 1  # permanent: not retried, the next prompt never sent
+
+
+def test_error_bodies_are_redacted(key_env):
+    leaked = f"bad request from {SERVER_KEY[8:20]}, full {SERVER_KEY}, b64 {base64.b64encode(SERVER_KEY.encode()).decode()}"
+    with ApiServer(lambda request: (400, {}, {"error": {"message": leaked, "type": "invalid_request_error"}})) as server:
+        backend = _stub_backend(f"{server.url}/v1")
+        with pytest.raises(InParsError, match=r"refused the request .*HTTP 400.*bad request from") as info:
+            backend.generate(["p"], max_new_tokens=4)
+    message = str(info.value)
+    assert SERVER_KEY not in message and SERVER_KEY[8:20] not in message and SERVER_KEY[10:18] not in message
+    assert base64.b64encode(SERVER_KEY.encode()).decode()[:12] not in message
+    assert not isinstance(info.value, TransientError) and len(server.requests) == 1
+
+
+def _rate_limited_once(headers: dict[str, str]):
+    """A server's answers: 429 with ``headers`` for the first request, then normal answers."""
+    seen = Counter()
+
+    def respond(request):
+        seen["requests"] += 1
+        return (429, headers, {"error": {"message": "slow down"}}) if seen["requests"] == 1 else answer_completions(request)
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    "headers, at_least, below",
+    [
+        ({"Retry-After": "1"}, 0.95, 30),
+        ({"retry-after-ms": "1200", "Retry-After": "30"}, 1.15, 30),  # OpenAI's milliseconds win
+        ({"Retry-After": "HTTP-DATE+3"}, 1.0, 30),  # an HTTP date (one-second resolution)
+        ({"Retry-After": "soon"}, 0.0, 30),  # unreadable: the SDK's own backoff
+    ],
+)
+def test_retry_after_forms_are_honoured(key_env, headers, at_least, below):
+    """The SDK waits what 429's Retry-After / retry-after-ms ask; the retry is counted as rate_limited.
+    (Lower bounds only: a wait can be late on a busy machine, never early.)"""
+    headers = {k: (email.utils.formatdate(time.time() + 3, usegmt=True) if v == "HTTP-DATE+3" else v) for k, v in headers.items()}
+    with ApiServer(_rate_limited_once(headers)) as server:
+        backend = _stub_backend(f"{server.url}/v1", max_retries=2)
+        rows = backend.generate(["p"], max_new_tokens=4)
+    assert rows[0].text == "what does aspirin do"
+    first, second = server.requests
+    assert at_least <= second.at - first.at < below
+    assert second.headers["x-stainless-retry-count"] == "1"
+    assert backend.usage.retries == Counter({"rate_limited": 1}) and backend.usage.requests == 1
+
+
+def test_retry_after_beyond_the_sdk_cap_is_transient_at_once(key_env):
+    """The SDK does not wait longer than its cap (120 s): such a 429 is not retried; the worker exits
+    transient (to be retried later by the launcher) saying what the server asked for."""
+    with ApiServer(lambda request: (429, {"Retry-After": "600"}, {"error": {"message": "quota"}})) as server:
+        backend = _stub_backend(f"{server.url}/v1", max_retries=5)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match=r"HTTP 429 \(rate limited; the server asked for retry-after: 600\), after 0 retries"):
+            backend.generate(["p"], max_new_tokens=4)
+        assert time.monotonic() - started < 30
+    assert len(server.requests) == 1 and backend.usage.total_retries == 0 and backend.usage.errors == 1
+
+
+def test_server_errors_are_retried_by_the_sdk_and_counted(key_env):
+    calls = Counter()
+
+    def respond(request):
+        calls["n"] += 1
+        return (503, {}, {"error": {"message": "busy"}}) if calls["n"] <= 2 else (200, {}, completion(request.body))
+
+    with ApiServer(respond) as server:
+        backend = _stub_backend(f"{server.url}/v1", max_retries=3)
+        rows = backend.generate(["p"], max_new_tokens=4)
+    assert rows[0].text and len(server.requests) == 3
+    assert backend.usage_summary()["retries"] == {"server_error": 2}
+
+
+def test_optional_backend_hooks_are_declared(tmp_path):
+    """Callers use the hooks declared on GenerationBackend, never hasattr: neutral defaults, overridden by the API."""
+    from inpars.backends import backend_class
+
+    assert {name: backend_class(name).supports_journal for name in ("transformers", "openai", "vllm")} == {
+        "transformers": False,
+        "openai": True,
+        "vllm": False,
+    }
+    assert backend_class("transformers").usage_summary is GenerationBackend.usage_summary
+    assert backend_class("openai").usage_summary is not GenerationBackend.usage_summary
+
+    class Minimal(GenerationBackend):
+        model_identity = "m"
+        from_config = generate = truncate = count_tokens = None
+
+    plain = Minimal()
+    plain.use_journal(tmp_path / "journal.jsonl")  # a no-op
+    assert plain.usage_summary() is None and plain.batch_size == 1 and not (tmp_path / "journal.jsonl").exists()

@@ -14,16 +14,25 @@ Contract for :meth:`GenerationBackend.generate`:
 - ``temperature == 0`` means greedy; otherwise sampling with ``top_p`` and ``seed``.
 - ``prefix``: an optional string that every prompt starts with (the few-shot part). Backends may use
   it to compute the prefix once (KV-cache reuse); results must not depend on it.
+
+Optional features are declared here with neutral defaults, so callers never probe with ``hasattr``:
+``batch_size`` (prompts per forward pass; local backends), ``supports_journal`` / :meth:`use_journal`
+(answers recorded as they arrive; paid APIs) and :meth:`usage_summary` (tokens, retries, cost; APIs).
 """
 
 from __future__ import annotations
 
 import abc
+import math
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import GenerateConfig
+    from .journal import AnswerJournal
+
+LOGPROB_FLOOR = -100.0  # stands in for a missing / -inf log-prob so that every value stays finite
 
 
 @dataclass
@@ -42,6 +51,11 @@ class GenerationBackend(abc.ABC):
     """Base class of the generation backends."""
 
     name: str = "base"
+    #: Prompts per forward pass (local backends; the generate stage sets it from ``generate.batch_size``).
+    #: Backends that batch by themselves (vLLM) or send one prompt per request (APIs) ignore it.
+    batch_size: int = 1
+    #: Whether :meth:`use_journal` records answers (backends that pay per request).
+    supports_journal: bool = False
 
     @classmethod
     @abc.abstractmethod
@@ -79,6 +93,19 @@ class GenerationBackend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """The number of tokens ``text`` takes (no special tokens added)."""
 
+    def use_journal(self, journal: AnswerJournal | str | os.PathLike) -> None:
+        """Record every answer in ``journal`` as it arrives and serve answers already there instead of
+        requesting them again (see :mod:`inpars.backends.journal`). A no-op unless ``supports_journal``."""
+
+    def use_ledger(self, ledger: Any) -> None:
+        """Book every paid request against the run-wide budget ledger (:class:`inpars.ledger.Ledger`)
+        instead of a per-process budget. A no-op for backends that cost nothing."""
+
+    def usage_summary(self) -> dict[str, Any] | None:
+        """What this backend spent (tokens, requests, retries by kind, cost), for the shard's marker;
+        None for backends that do not count (local models)."""
+        return None
+
     def close(self) -> None:
         """Release the model / connections. Safe to call twice."""
 
@@ -93,3 +120,29 @@ def cut_at_newline(text: str) -> tuple[str, bool]:
     """``(text before the first newline, whether a newline was found)``."""
     i = text.find("\n")
     return (text, False) if i < 0 else (text[:i], True)
+
+
+def query_tokens(tokens: list[str], values: list[float | None]) -> tuple[list[str], list[float]]:
+    """The tokens (and log-probs) of the query: those before the first token holding a newline.
+
+    For backends that get per-token text and log-probs back (APIs, vLLM). A token like ``".\\n"`` that
+    carries query text before its newline is kept. Log-probs are made finite and <= 0 (a missing or
+    -inf value becomes :data:`LOGPROB_FLOOR`).
+    """
+    out_t: list[str] = []
+    out_v: list[float] = []
+    for token, value in zip(tokens, values):
+        token = token or ""
+        newline = "\n" in token
+        if newline and not token.split("\n", 1)[0].strip():
+            break
+        v = LOGPROB_FLOOR if value is None or not math.isfinite(value) else min(float(value), 0.0)
+        out_t.append(token)
+        out_v.append(max(v, LOGPROB_FLOOR))
+        if newline:
+            break
+    # Leading whitespace-only tokens before a first-token newline produce no query text; drop them
+    # too so that an empty query has no tokens.
+    if not "".join(out_t).strip():
+        return [], []
+    return out_t, out_v

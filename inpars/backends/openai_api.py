@@ -1,56 +1,103 @@
-"""Generation through an OpenAI-compatible HTTP API: OpenAI, vLLM or llama.cpp servers.
+"""Generation through an OpenAI-compatible API with the official ``openai`` SDK: OpenAI, Azure OpenAI,
+vLLM or llama.cpp servers.
 
-One prompt per request (llama.cpp's server rejects batched prompts), ``concurrency`` requests in
-flight on one asyncio loop, results in input order. Retries are ours (the HTTP client never
-retries): 429 honours ``Retry-After``; 5xx, timeouts and dropped connections back off exponentially
-with full jitter; 401/403/404 stop at once with a clear message. A :class:`~inpars.usage.BudgetGuard`
-books every request's worst-case cost before it is sent, so a run with ``budget_usd`` stops *before*
-exceeding it and hands back the rows finished so far (:class:`~inpars.usage.BudgetExceeded`).
+The SDK (``openai.AsyncOpenAI``, or ``AsyncAzureOpenAI`` when ``api_version`` is set) owns the transport:
+timeouts (``request_timeout``), retries (``max_retries``: 408/409/429/5xx, timeouts and dropped
+connections, with its exponential backoff; 429 waits what ``Retry-After`` / ``retry-after-ms`` ask) and
+typed errors. Ours are thin layers around it:
 
-The API key is read from the environment variable named by ``api_key_env`` and only ever put in
-the ``Authorization`` header: it is not stored in the config, shown by ``repr`` or put in an error.
+- ``concurrency`` requests in flight on one asyncio loop, one prompt per request (llama.cpp's server
+  rejects batched prompts), results in input order;
+- errors: a rejected key (401/403) or an unknown model or endpoint (404) stops at once with a
+  :class:`~inpars.errors.ConfigError`; what is still failing after the SDK's retries (429, 5xx, timeouts,
+  connections) is a :class:`~inpars.errors.TransientError` (the worker exits to be retried). A
+  ``Retry-After`` longer than the SDK is willing to wait (120 s in openai 2.x/3.x) is not retried by it:
+  it surfaces at once as a TransientError quoting the header, and the shard is retried later by the
+  launcher (answers so far are journaled, finished chunks checkpointed);
+- usage (:class:`~inpars.usage.Usage`, with every retry counted by kind by :class:`RetryCountingTransport`
+  on the HTTP client we hand the SDK) and a :class:`~inpars.usage.BudgetGuard` that books each request's
+  worst-case cost before it is sent, so a run with ``budget_usd`` stops *before* exceeding it and hands
+  back the rows finished so far (:class:`~inpars.usage.BudgetExceeded`);
+- the answer journal (:mod:`inpars.backends.journal`) and the tokenizers (:mod:`inpars.backends.tokenizers`).
+
+The API key is read from the environment variable named by ``api_key_env`` and only handed to the SDK:
+it is not stored in the config, shown by ``repr``, quoted in an error (server text is passed through
+:func:`inpars.secrets.redact`), and an answer that contains it (a server echoing credentials) is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
-import email.utils
+import contextvars
 import hashlib
 import json
-import logging
 import math
 import os
-import random
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import openai
 
 from ..errors import ConfigError, InParsError, TransientError
+from ..secrets import find_secret, named_secrets, redact
 from ..usage import BudgetExceeded, BudgetGuard, PriceTable, Reservation, Usage
-from .base import Generation, GenerationBackend, cut_at_newline
+from .base import Generation, GenerationBackend, cut_at_newline, query_tokens
+from .journal import AnswerJournal
+from .tokenizers import Tokenizer, pick_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import GenerateConfig
 
-log = logging.getLogger(__name__)
-
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-LOGPROB_FLOOR = -100.0  # stands in for a missing / -inf log-prob so that every value stays finite
-APPROX_CHARS_PER_TOKEN = 4  # the documented fallback when no tokenizer is at hand (English text)
+
+# The outcomes of the HTTP attempts of the request in progress (one list per request, per asyncio task).
+_ATTEMPTS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("inpars_api_attempts", default=None)
+
+
+class RetryCountingTransport(httpx.AsyncBaseTransport):
+    """Counts the SDK's retries by kind into ``usage.retries`` (see :data:`inpars.usage.RETRY_KINDS`).
+
+    The SDK retries inside one call; what each attempt met is only seen here, at the transport. An
+    attempt's outcome (``rate_limited``, ``server_error``, ``timeout``, ``connection`` or ``ok``) is noted
+    in the calling task's attempt list; when a further attempt of the same call starts, the previous one
+    was retried and its kind is counted, so the counts are live and a final failure is not a retry.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, usage: Usage):
+        self.inner, self.usage = inner, usage
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        attempts = _ATTEMPTS.get()
+        if attempts:
+            self.usage.retries[attempts[-1]] += 1
+        try:
+            response = await self.inner.handle_async_request(request)
+        except httpx.TimeoutException:
+            _note(attempts, "timeout")
+            raise
+        except httpx.TransportError:  # refused, reset, dropped mid-answer
+            _note(attempts, "connection")
+            raise
+        status = response.status_code
+        _note(attempts, "rate_limited" if status == 429 else "server_error" if status >= 500 or status in (408, 409) else "ok")
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _note(attempts: list[str] | None, kind: str) -> None:
+    if attempts is not None:
+        attempts.append(kind)
 
 
 class OpenAIBackend(GenerationBackend):
     """Queries from an OpenAI-compatible ``/v1/completions`` (or ``/v1/chat/completions``) endpoint."""
 
     name = "openai"
-    # Full-jitter backoff: sleep uniform(0, min(cap, base * 2**attempt)) seconds before retry `attempt`.
-    backoff_base = 0.5
-    backoff_cap = 20.0
-    retry_after_cap = 120.0  # longest Retry-After we wait for one retry
+    supports_journal = True
 
     def __init__(
         self,
@@ -65,6 +112,9 @@ class OpenAIBackend(GenerationBackend):
         prices: dict[str, float] | None = None,
         budget_usd: float | None = None,
         tokenizer: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        api_version: str | None = None,
     ):
         if concurrency < 1:
             raise ConfigError(f"generate.concurrency must be >= 1, got {concurrency}")
@@ -72,6 +122,11 @@ class OpenAIBackend(GenerationBackend):
             raise ConfigError(f"generate.max_retries must be >= 0, got {max_retries}")
         if request_timeout <= 0:
             raise ConfigError(f"generate.request_timeout must be > 0, got {request_timeout}")
+        self.azure = api_version is not None
+        if self.azure and not base_url:
+            raise ConfigError(
+                "generate.api_version is set (Azure OpenAI): set generate.base_url to the resource endpoint, https://NAME.openai.azure.com"
+            )
         self.model = model
         self.base_url = (base_url or OPENAI_BASE_URL).rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
@@ -81,52 +136,27 @@ class OpenAIBackend(GenerationBackend):
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.request_timeout = request_timeout
-        self.endpoint = f"{self.base_url}/{'chat/completions' if chat else 'completions'}"
+        self.organization, self.project, self.api_version = organization, project, api_version
+        route = "chat/completions" if chat else "completions"
+        # Azure routes by deployment: the SDK puts the model (= deployment name) into the path.
+        self.endpoint = f"{self.base_url}/openai/deployments/{model}/{route}" if self.azure else f"{self.base_url}/{route}"
         key = os.environ.get(api_key_env) if api_key_env else None
-        if not key and self.base_url == OPENAI_BASE_URL:
-            raise ConfigError(f"the OpenAI API needs a key: set the environment variable {api_key_env}")
-        # The key lives only in this header dict (never in a field that repr/logs/rows show).
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._secret = key or None  # kept only to scrub it from any server text we quote
+        if not key and (self.base_url == OPENAI_BASE_URL or self.azure):
+            raise ConfigError(
+                f"the {'Azure OpenAI' if self.azure else 'OpenAI'} API needs a key: set the environment variable {api_key_env}"
+            )
+        # The key is handed to the SDK and the tokenizer probe only; repr, errors and rows never show it.
+        self._key = key or None
+        self._key_only = {api_key_env: key} if key else {}  # what an answer must not contain
+        self._secrets = named_secrets([api_key_env] if key else [])  # what quoted server text is scrubbed of
         self.prices = PriceTable.for_model(model, prices)
         self.budget = BudgetGuard(budget_usd, self.prices)
         self.usage = Usage()  # cumulative over every generate() call of this backend
         self.last_usage = Usage()  # what the latest generate() call spent
         self._tokenizer_name = tokenizer
-        self._tokenizer: _Tokenizer | None = None  # picked on first use (see _get_tokenizer)
-        self._journal: Path | None = None
-        self._answered: dict[str, Generation] = {}
+        self._tokenizer: Tokenizer | None = None  # picked on first use (see _get_tokenizer)
+        self.journal: AnswerJournal | None = None
         self.replayed = 0  # answers served from the journal instead of a new (paid) request
-
-    def use_journal(self, path: str | os.PathLike) -> None:
-        """Record every answer in ``path`` the moment it arrives, and replay answers already there.
-
-        Checkpoints only save whole chunks; the journal is what makes a worker that crashed mid-chunk
-        never pay for a document it already had answered. A torn last line (a crash mid-write) is ignored.
-        """
-        self._journal = Path(path)
-        self._answered = {}
-        if self._journal.exists():
-            for line in self._journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._answered[entry["key"]] = Generation(**entry["generation"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-
-    def _answer_key(self, prompt: str, params: dict[str, Any]) -> str:
-        material = json.dumps({"endpoint": self.endpoint, "params": params, "prompt": prompt}, sort_keys=True)
-        return hashlib.sha256(material.encode("utf-8")).hexdigest()
-
-    def _record(self, key: str, generation: Generation) -> None:
-        self._answered[key] = generation
-        if self._journal is None:
-            return
-        self._journal.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._journal, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "generation": dataclasses.asdict(generation)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> OpenAIBackend:
@@ -140,12 +170,11 @@ class OpenAIBackend(GenerationBackend):
             request_timeout=config.request_timeout,
             prices=config.prices or None,
             budget_usd=config.budget_usd,
-            tokenizer=getattr(config, "tokenizer", None),
+            tokenizer=config.tokenizer,
+            organization=config.organization,
+            project=config.project,
+            api_version=config.api_version,
         )
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True  # httpx is a core dependency
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, chat={self.chat}, concurrency={self.concurrency})"
@@ -158,6 +187,15 @@ class OpenAIBackend(GenerationBackend):
     def cost_usd(self) -> float:
         """What the answered requests cost so far, at :attr:`prices` (0 for unknown prices)."""
         return self.budget.spent
+
+    def use_ledger(self, ledger) -> None:
+        self.budget.ledger = ledger
+        self.budget.budget_usd = ledger.budget  # booked exactly from here on (see _budget_tokens)
+
+    def use_journal(self, journal: AnswerJournal | str | os.PathLike) -> None:
+        """Record every answer in ``journal`` the moment it arrives, and serve answers already there
+        instead of requesting (and paying for) them again. A path means a local :class:`AnswerJournal`."""
+        self.journal = journal if isinstance(journal, AnswerJournal) else AnswerJournal(Path(journal))
 
     def usage_summary(self) -> dict[str, Any]:
         """What this backend spent (all calls): tokens, requests, retries by kind, errors, USD.
@@ -215,14 +253,12 @@ class OpenAIBackend(GenerationBackend):
         prefix: str | None = None,  # servers cache shared prefixes themselves (vLLM, llama.cpp)
     ) -> list[Generation]:
         """The async form of :meth:`generate`."""
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        start = self.usage.copy()
-        results: list[Generation | None] = [None] * len(prompts)
         params = self._sampling(max_new_tokens, temperature, top_p, seed)
+        results: list[Generation | None] = [None] * len(prompts)
+        start = self.usage.copy()
         sem = asyncio.Semaphore(self.concurrency)
-        first_error: list[BaseException] = []
         tasks: list[asyncio.Task] = []
+        first_error: list[BaseException] = []
         stop: BudgetExceeded | None = None
 
         async def one(i: int, prompt: str, reservation: Reservation) -> None:
@@ -240,7 +276,7 @@ class OpenAIBackend(GenerationBackend):
                 # Reserve and launch strictly in input order, so a budget stop at prompt i leaves
                 # exactly prompts[:i] answered: a clean prefix for the caller to checkpoint.
                 for i, prompt in enumerate(prompts):
-                    if self._journal is not None and (known := self._answered.get(self._answer_key(prompt, params))):
+                    if self.journal is not None and (known := self.journal.get(self._answer_key(prompt, params))):
                         results[i] = known  # answered before a crash: never requested (or paid) again
                         self.replayed += 1
                         continue
@@ -305,121 +341,138 @@ class OpenAIBackend(GenerationBackend):
             params["logprobs"] = 1
         return params
 
-    async def _generate_one(self, client: httpx.AsyncClient, prompt: str, params: dict[str, Any], reservation: Reservation) -> Generation:
-        payload = dict(params)
-        if self.chat:
-            payload["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            payload["prompt"] = prompt
+    def _answer_key(self, prompt: str, params: dict[str, Any]) -> str:
+        material = json.dumps({"endpoint": self.endpoint, "params": params, "prompt": prompt}, sort_keys=True)
+        return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+    async def _generate_one(self, client: openai.AsyncOpenAI, prompt: str, params: dict[str, Any], reservation: Reservation) -> Generation:
+        attempts: list[str] = []
+        _ATTEMPTS.set(attempts)  # this task's own context: RetryCountingTransport notes each attempt here
         try:
-            data = await self._post_with_retries(client, payload)
-            generation = self._parse(data)
+            response = await self._request(client, prompt, params)
+            generation, answer = self._parse(response)
         except BaseException as e:
             # A cancelled request (another one failed) may still be billed; the worst-case
             # reservations are what keeps the budget safe despite such unseen spend.
             self.budget.release(reservation)
-            if not isinstance(e, asyncio.CancelledError):
-                self.usage.errors += 1
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            self.usage.errors += 1
+            if isinstance(e, openai.OpenAIError):
+                raise self._translate(e, retries=max(len(attempts) - 1, 0)) from None
             raise
-        self.budget.settle(reservation, generation.prompt_tokens, generation.completion_tokens)
+        self.budget.settle(reservation, generation.prompt_tokens, generation.completion_tokens)  # billed either way
         self.usage.prompt_tokens += generation.prompt_tokens
         self.usage.completion_tokens += generation.completion_tokens
+        if self._key_only and (leak := find_secret(answer, self._key_only)):
+            self.usage.errors += 1
+            raise ConfigError(
+                f"{self.endpoint} answered with {leak} (the API key): the server echoes credentials into its answers, "
+                "so none of them is kept; check generate.base_url"
+            )
         self.usage.requests += 1
-        if self._journal is not None:
-            self._record(self._answer_key(prompt, params), generation)
+        if self.journal is not None:
+            self.journal.record(self._answer_key(prompt, params), generation)
         return generation
 
-    async def _post_with_retries(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
-        attempt = 0
-        while True:
-            delay: float | None = None
-            try:
-                response = await client.post(self.endpoint, json=payload)
-            except httpx.TimeoutException as e:
-                kind, detail = "timeout", f"no answer within {self.request_timeout:g} s ({type(e).__name__})"
-            except httpx.TransportError as e:  # refused, reset, dropped mid-answer
-                kind, detail = "connection", f"{type(e).__name__}: {self._scrub(str(e)) or 'connection failed'}"
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        return response.json()
-                    except json.JSONDecodeError:
-                        kind, detail = "server_error", "HTTP 200 with a body that is not JSON"
-                elif status == 429:
-                    kind, detail, delay = "rate_limited", "HTTP 429 (rate limited)", _retry_after(response.headers)
-                elif status >= 500 or status in (408, 409):
-                    kind, detail, delay = "server_error", f"HTTP {status}", _retry_after(response.headers)
-                elif status in (401, 403):
-                    # The body is not quoted: some servers echo (part of) the key back.
-                    raise ConfigError(
-                        f"API key rejected by {self.base_url} (HTTP {status}); check the environment variable {self.api_key_env}"
-                    )
-                elif status == 404:
-                    raise ConfigError(f"model {self.model!r} or endpoint {self.endpoint} not found (HTTP 404): {self._body(response)}")
-                else:
-                    raise InParsError(
-                        f"{self.endpoint} refused the request for model {self.model!r} (HTTP {status}): {self._body(response)}"
-                    )
-            if attempt >= self.max_retries:
-                if kind == "connection":
-                    raise TransientError(f"cannot reach {self.base_url} ({detail}) after {attempt} retries") from None
-                raise TransientError(f"{self.endpoint} failed: {detail}, after {attempt} retries") from None
-            attempt += 1
-            self.usage.retries[kind] += 1
-            if delay is None:
-                delay = random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
-            log.info("%s: %s; retry %d/%d in %.2f s", self.endpoint, detail, attempt, self.max_retries, delay)
-            await asyncio.sleep(min(delay, self.retry_after_cap))
+    async def _request(self, client: openai.AsyncOpenAI, prompt: str, params: dict[str, Any]):
+        # Without a key (a local server) no Authorization header is sent at all.
+        extra = {} if self._key else {"extra_headers": {"Authorization": openai.Omit()}}
+        if self.chat:
+            return await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **params, **extra)
+        return await client.completions.create(prompt=prompt, **params, **extra)
 
-    def _parse(self, data: dict[str, Any]) -> Generation:
+    def _translate(self, e: openai.OpenAIError, retries: int) -> Exception:
+        """Our error for an SDK error that its retries did not fix (or that it does not retry)."""
+        if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
+            # The body is not quoted: some servers echo (part of) the key back.
+            return ConfigError(
+                f"API key rejected by {self.base_url} (HTTP {e.status_code}); check the environment variable {self.api_key_env}"
+            )
+        if isinstance(e, openai.NotFoundError):
+            return ConfigError(f"model {self.model!r} or endpoint {self.endpoint} not found (HTTP 404): {self._quote(e)}")
+        if isinstance(e, openai.APITimeoutError):
+            return TransientError(f"{self.endpoint} failed: no answer within {self.request_timeout:g} s, after {retries} retries")
+        if isinstance(e, openai.APIConnectionError):
+            cause = e.__cause__
+            detail = f"{type(cause).__name__}: {redact(str(cause), self._secrets) or 'connection failed'}" if cause else "connection failed"
+            return TransientError(f"cannot reach {self.base_url} ({detail}) after {retries} retries")
+        if isinstance(e, openai.APIStatusError):
+            status = e.status_code
+            if status == 429:
+                # A Retry-After beyond the SDK's cap is not retried by it at all: say what was asked.
+                headers = e.response.headers
+                asked = next((f"{name}: {headers[name]}" for name in ("retry-after-ms", "retry-after") if name in headers), None)
+                hint = f"; the server asked for {redact(asked, self._secrets)[:60]}" if asked else ""
+                return TransientError(f"{self.endpoint} failed: HTTP 429 (rate limited{hint}), after {retries} retries")
+            if status >= 500 or status in (408, 409):
+                return TransientError(f"{self.endpoint} failed: HTTP {status}, after {retries} retries")
+            return InParsError(f"{self.endpoint} refused the request for model {self.model!r} (HTTP {status}): {self._quote(e)}")
+        return InParsError(f"{self.endpoint}: {type(e).__name__}: {redact(str(e), self._secrets)[:300]}")
+
+    def _quote(self, e: openai.APIStatusError, limit: int = 300) -> str:
+        """The server's error message (or body), scrubbed of secrets, on one line."""
+        body = e.body.get("message") if isinstance(e.body, dict) else None
+        text = body if isinstance(body, str) and body else e.response.text  # httpx decodes with errors="replace"
+        return redact(" ".join(text.split()), self._secrets)[:limit] or "(empty body)"
+
+    def _parse(self, response: Any) -> tuple[Generation, str]:
+        """The :class:`Generation` of an SDK response, and the whole answer text (to check for the key)."""
         try:
-            choice = data["choices"][0]
+            choice = response.choices[0]
             if self.chat:
-                text = (choice.get("message") or {}).get("content") or ""
-                entries = (choice.get("logprobs") or {}).get("content")
+                text = choice.message.content or ""
+                entries = choice.logprobs.content if choice.logprobs is not None else None
                 tokens = values = None
                 if entries is not None:
-                    tokens = [e["token"] for e in entries]
-                    values = [e["logprob"] for e in entries]
+                    tokens = [e.token for e in entries]
+                    values = [e.logprob for e in entries]
             else:
-                text = choice.get("text") or ""
-                logprobs = choice.get("logprobs") or {}
-                tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-            usage = data.get("usage") or {}
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise InParsError(f"{self.endpoint} answered in an unexpected shape ({type(e).__name__}: {e})") from None
+                text = choice.text or ""
+                logprobs = choice.logprobs
+                tokens, values = (logprobs.tokens, logprobs.token_logprobs) if logprobs is not None else (None, None)
+            usage = response.usage
+            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            finish_reason = choice.finish_reason
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise InParsError(f"{self.endpoint} answered in an unexpected shape ({type(e).__name__})") from None
         if tokens is None or values is None:
             raise ConfigError(
                 f"{self.endpoint} returned no log-probs for model {self.model!r}; the filter needs them "
                 "(llama.cpp's Python server: start it with --logits_all true)"
             )
         query, cut = cut_at_newline(text)
-        q_tokens, q_values = _query_tokens(tokens, values)
-        reason = "stop" if cut or choice.get("finish_reason") != "length" else "length"
-        return Generation(
+        q_tokens, q_values = query_tokens(tokens, values)
+        generation = Generation(
             text=query.strip(),
             tokens=q_tokens,
             log_probs=q_values,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or len(tokens)),
-            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens or len(tokens),
+            finish_reason="stop" if cut or finish_reason != "length" else "length",
         )
+        return generation, text + "".join(t or "" for t in tokens)
 
-    def _client(self) -> httpx.AsyncClient:
-        # One client per generate() call: an AsyncClient is bound to the loop that asyncio.run made.
-        return httpx.AsyncClient(
-            headers=self._headers,
-            timeout=httpx.Timeout(self.request_timeout, connect=min(self.request_timeout, 10.0)),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+    def _client(self) -> openai.AsyncOpenAI:
+        """An SDK client for one generate() call (an httpx AsyncClient is bound to the loop asyncio.run made)."""
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        timeout = httpx.Timeout(self.request_timeout, connect=min(self.request_timeout, 10.0))
+        http_client = httpx.AsyncClient(
+            transport=RetryCountingTransport(httpx.AsyncHTTPTransport(limits=limits), self.usage), timeout=timeout
         )
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
-
-    def _body(self, response: httpx.Response, limit: int = 300) -> str:
-        body = response.text  # httpx decodes with errors="replace": never raises
-        return self._scrub(" ".join(body.split()))[:limit] or "(empty body)"
+        # A placeholder key without a real one: the SDK insists on one; _request omits the header then.
+        common: dict[str, Any] = dict(
+            api_key=self._key or "no-key",
+            organization=self.organization,
+            project=self.project,
+            timeout=timeout,
+            max_retries=self.max_retries,
+            http_client=http_client,
+        )
+        if self.azure:
+            return openai.AsyncAzureOpenAI(azure_endpoint=self.base_url, api_version=self.api_version, **common)
+        return openai.AsyncOpenAI(base_url=self.base_url, **common)
 
     async def _budget_tokens(self, prompt: str) -> int:
         """Prompt tokens to book for the budget: exact where a tokenizer is at hand, else a
@@ -447,207 +500,22 @@ class OpenAIBackend(GenerationBackend):
         """How this backend counts tokens: ``server:<flavour>``, ``hf:<name>`` or ``approx``."""
         return self._get_tokenizer().kind
 
-    def _get_tokenizer(self) -> _Tokenizer:
-        """The first of: the server's own tokenize/detokenize endpoints (exact for the served
-        model), a configured local HF tokenizer, or ~4 characters per token (an approximation)."""
+    def _get_tokenizer(self) -> Tokenizer:
+        """The server's own tokenizer where it has one (not OpenAI's or Azure's APIs), else a configured
+        local HF tokenizer, else ~4 characters per token (see :func:`~inpars.backends.tokenizers.pick_tokenizer`)."""
         if self._tokenizer is None:
-            root = self.base_url.removesuffix("/v1")
-            self._tokenizer = (
-                _ServerTokenizer.probe(root, self.model, self._headers, self.request_timeout)
-                or _HFTokenizer.load(self._tokenizer_name)
-                or _ApproxTokenizer()
+            hosted = self.azure or self.base_url == OPENAI_BASE_URL
+            self._tokenizer = pick_tokenizer(
+                None if hosted else self.base_url.removesuffix("/v1"),
+                self.model,
+                headers={"Authorization": f"Bearer {self._key}"} if self._key else {},
+                timeout=self.request_timeout,
+                local_name=self._tokenizer_name,
             )
-            log.info("%s: counting tokens with %s", self.base_url, self._tokenizer.kind)
         return self._tokenizer
 
     def close(self) -> None:
         if self._tokenizer is not None:
             self._tokenizer.close()
-
-
-def _query_tokens(tokens: list[str], values: list[float | None]) -> tuple[list[str], list[float]]:
-    """The tokens (and log-probs) of the query: those before the first token holding a newline.
-
-    A token like ``".\\n"`` that carries query text before its newline is kept. Log-probs are made
-    finite and <= 0 (a missing or -inf value becomes :data:`LOGPROB_FLOOR`).
-    """
-    out_t: list[str] = []
-    out_v: list[float] = []
-    for token, value in zip(tokens, values):
-        token = token or ""
-        newline = "\n" in token
-        if newline and not token.split("\n", 1)[0].strip():
-            break
-        v = LOGPROB_FLOOR if value is None or not math.isfinite(value) else min(float(value), 0.0)
-        out_t.append(token)
-        out_v.append(max(v, LOGPROB_FLOOR))
-        if newline:
-            break
-    # Leading whitespace-only tokens before a first-token newline produce no query text; drop them
-    # too so that an empty query has no tokens.
-    if not "".join(out_t).strip():
-        return [], []
-    return out_t, out_v
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or an HTTP date)."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(float(value) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-# ---- tokenizers for truncation and budgets -------------------------------------------------
-
-
-class _Tokenizer:
-    kind = "base"
-    exact = True
-
-    def count(self, text: str) -> int:
-        raise NotImplementedError
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _ServerTokenizer(_Tokenizer):
-    """The server's own tokenizer over HTTP (exact for the served model).
-
-    Flavours: llama.cpp's C++ server and vLLM serve ``/tokenize`` + ``/detokenize`` at the root (with
-    different bodies); llama-cpp-python's server serves ``/extras/tokenize`` + ``/extras/detokenize``.
-    """
-
-    def __init__(self, client: httpx.Client, root: str, model: str, flavour: str, offset: int):
-        self.client, self.root, self.model, self.flavour, self.offset = client, root, model, flavour, offset
-        self.kind = f"server:{flavour}"
-
-    @classmethod
-    def probe(cls, root: str, model: str, headers: dict[str, str], timeout: float) -> _ServerTokenizer | None:
-        client = httpx.Client(headers=headers, timeout=min(timeout, 30.0))
-        for flavour in ("llama.cpp", "vllm", "llama-cpp-python"):
-            tokenizer = cls(client, root, model, flavour, 0)
-            try:
-                tokens = tokenizer._tokenize("probe")
-                empty = tokenizer._tokenize("")
-            except (httpx.HTTPError, InParsError, KeyError, TypeError, ValueError):
-                continue
-            if tokens and all(isinstance(t, int) for t in tokens):
-                tokenizer.offset = len(empty)  # special tokens (BOS) the server adds to any text
-                return tokenizer
-        client.close()
-        return None
-
-    def _tokenize(self, text: str) -> list[int]:
-        if self.flavour == "llama.cpp":
-            url, body = f"{self.root}/tokenize", {"content": text, "add_special": False}
-        elif self.flavour == "vllm":
-            url, body = f"{self.root}/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}
-        else:
-            url, body = f"{self.root}/extras/tokenize", {"model": self.model, "input": text}
-        response = self.client.post(url, json=body)
-        if response.status_code != 200:
-            raise InParsError(f"{url}: HTTP {response.status_code}")
-        return list(response.json()["tokens"])
-
-    def _detokenize(self, tokens: list[int]) -> str:
-        if self.flavour == "llama-cpp-python":
-            url, body, key = f"{self.root}/extras/detokenize", {"model": self.model, "tokens": tokens}, "text"
-        elif self.flavour == "vllm":
-            url, body, key = f"{self.root}/detokenize", {"model": self.model, "tokens": tokens}, "prompt"
-        else:
-            url, body, key = f"{self.root}/detokenize", {"tokens": tokens}, "content"
-        response = self.client.post(url, json=body)
-        if response.status_code != 200:
-            raise InParsError(f"{url}: HTTP {response.status_code}")
-        return response.json()[key]
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except httpx.TransportError as e:
-            raise TransientError(f"tokenizer endpoint of {self.root} unreachable ({type(e).__name__})") from None
-
-    def count(self, text: str) -> int:
-        return len(self._call(self._tokenize, text)) - self.offset
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        tokens = self._call(self._tokenize, text)[self.offset :]
-        if len(tokens) <= max_tokens:
-            return text
-        # A cut inside a multi-byte character can fail to decode on the server: step back a token.
-        for stop in range(max_tokens, max(max_tokens - 4, 0), -1):
-            try:
-                return self._call(self._detokenize, tokens[:stop])
-            except InParsError:
-                continue
-        raise InParsError(f"{self.root}: could not detokenize a truncated document")
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class _HFTokenizer(_Tokenizer):
-    """A local Hugging Face tokenizer (``generate.tokenizer``: packaged alias, HF id or path)."""
-
-    def __init__(self, tokenizer, name: str):
-        self.tok, self.kind = tokenizer, f"hf:{name}"
-
-    @classmethod
-    def load(cls, name: str | None) -> _HFTokenizer | None:
-        if not name:
-            return None
-        from transformers import AutoTokenizer
-
-        from ..models import resolve_model
-
-        source = resolve_model(name)
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        try:
-            return cls(AutoTokenizer.from_pretrained(source.name_or_path, **kwargs), source.identity)
-        except OSError as e:
-            raise ConfigError(f"generate.tokenizer {name!r} could not be loaded: {e}") from e
-
-    def count(self, text: str) -> int:
-        return len(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tok.decode(ids[:max_tokens])
-
-
-class _ApproxTokenizer(_Tokenizer):
-    """No tokenizer at hand: ~4 characters per token (a rule of thumb for English; documents are
-    cut at a word boundary). Counts are estimates, so budgets book prompts more conservatively."""
-
-    kind = "approx"
-    exact = False
-
-    def count(self, text: str) -> int:
-        return math.ceil(len(text) / APPROX_CHARS_PER_TOKEN)
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        limit = max_tokens * APPROX_CHARS_PER_TOKEN
-        if len(text) <= limit:
-            return text
-        head = text[:limit]
-        space = head.rfind(" ")
-        return head[:space] if space > limit // 2 else head
+        if self.journal is not None:
+            self.journal.flush()

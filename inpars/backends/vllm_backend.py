@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..models import resolve_model
-from .base import Generation, GenerationBackend, cut_at_newline
-from .openai_api import _query_tokens
+from .base import Generation, GenerationBackend, cut_at_newline, query_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import GenerateConfig
@@ -125,7 +124,7 @@ class VLLMBackend(GenerationBackend):
             tokens.append(logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id]))
             values.append(logprob.logprob)
         query, cut = cut_at_newline(comp.text)
-        q_tokens, q_values = _query_tokens(tokens, values)
+        q_tokens, q_values = query_tokens(tokens, values)
         return Generation(
             text=query.strip(),
             tokens=q_tokens,
