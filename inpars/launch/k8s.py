@@ -15,6 +15,10 @@ unfinished one, as a cancel. A Job found missing (404: the events were missed, e
 through the TTL) makes the executor ask the workspace: committed -> go on; not committed -> submit
 it again (unless the Job was seen running less than a TTL ago: then someone deleted it).
 
+The driver Job (``--detach``, :func:`~inpars.launch.k8s_manifests.render_driver`) is submitted by
+:meth:`K8sExecutor.submit_driver`: its name is one per run, so a live one refuses a second
+(:class:`DriverRunning`) and a finished one is replaced; ``cancel`` deletes it before the stage Jobs.
+
 Tested against kmock (an in-memory API server without selectors, resourceVersions or PUT), so every
 list is also filtered client-side and every watch loop stops on its own terminal condition.
 """
