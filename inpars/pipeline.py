@@ -140,6 +140,8 @@ def preflight(config: PipelineConfig, *, runs_here: bool = True) -> None:
     """Check, before a run folder is made or anything is paid for, what can be checked cheaply: the
     data sources exist, the prompt is known, the generation backend is installed (``runs_here``: the
     workers run on this machine). Raises one :class:`ConfigError` listing every problem."""
+    import importlib.util
+
     from .datasets import source_exists
     from .prompts import template_path
 
@@ -153,6 +155,8 @@ def preflight(config: PipelineConfig, *, runs_here: bool = True) -> None:
     ):
         if source is None:
             continue
+        if source.startswith("irds:") and not runs_here and importlib.util.find_spec("ir_datasets") is None:
+            continue  # the workers' images carry ir_datasets; this machine cannot look the id up
         why = source_exists(source)
         if why:
             problems.append(f"{setting} = {source!r}: {why}")

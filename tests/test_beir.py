@@ -140,3 +140,132 @@ def test_run_many_reads_a_finished_workspace_run():
     assert result.metrics["bm25"]["nDCG@10"] == 0.676
     with pytest.raises(ConfigError):
         run_many([], lambda cfg: None, max_concurrent=0)
+
+
+# --------------------------------------------------------------------------------------------
+# At cluster scale: deterministic runs, the corpus preflight, resuming after a crash, exit codes
+
+
+def test_all_datasets_plan_without_aborting_on_the_four_not_in_ir_datasets():
+    from inpars.launch.beir import check_corpora, plan_datasets
+
+    plans = plan_datasets("all", PipelineConfig(), None)
+    assert len(plans) == 18 - 1 + 12
+    missing = {p.name for p in plans if p.missing}
+    assert missing == {"bioasq", "signal1m", "trec-news", "robust04"}
+    assert all("mirror it under --corpus-root" in p.missing for p in plans if p.missing)
+    ids = [p.run_id for p in plans if p.config is not None]
+    assert len(set(ids)) == len(ids) and all(len(i) <= 63 for i in ids)
+    assert ids == [p.run_id for p in plan_datasets("all", PipelineConfig(), None) if p.config is not None]  # deterministic
+    # Workers elsewhere (k8s) and no ir_datasets here: the irds ids are left to the images to read.
+    import importlib.util
+
+    if importlib.util.find_spec("ir_datasets") is None:
+        assert len(check_corpora(plans, runs_here=False)) == 25
+        local = plan_datasets(["scifact"], PipelineConfig(), None)
+        assert check_corpora(local, runs_here=True) == [] and "inpars[irds]" in local[0].missing
+
+
+def test_runtime_settings_of_a_rerun_reach_the_existing_run(tmp_path):
+    from inpars.launch.beir import open_run, runtime_changes
+
+    base = PipelineConfig().override({"generate.backend": "openai", "generate.model": "gpt-4o-mini", "generate.budget_usd": 5})
+    raised = base.override({"generate.budget_usd": 20, "resources.generate": {"cpu": "8", "memory": "16Gi"}})
+    assert runtime_changes(base, raised) == {"generate.budget_usd": 20, "resources.generate": raised.resources["generate"].model_dump()}
+    assert runtime_changes(base, base.override({"generate.n_docs": 7})) == {}  # outputs change: a new run, not a setting
+    first = open_run(str(tmp_path), base)
+    again = open_run(str(tmp_path), raised)
+    assert again.run_id == first.run_id and again.config.generate.budget_usd == 20
+
+
+def beir_folder(root, name: str) -> None:
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
+    folder = root / name
+    (folder / "qrels").mkdir(parents=True)
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (folder / rel).write_bytes((sample / rel).read_bytes())
+
+
+class CommittingExecutor:
+    """Plays every stage's workers: commits the shards it is given, records each call, and can crash a
+    dataset at one stage (as a pod that keeps failing would)."""
+
+    def __init__(self, crash: dict[str, str] | None = None):
+        self.crash = crash or {}
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+        self.lock = threading.Lock()
+
+    def run_shards(self, job, shards, run):
+        from inpars.launch.driver import StageFailed
+
+        name = run.config.data.name
+        with self.lock:
+            self.calls.append((name, job.stage, tuple(shards)))
+        if self.crash.get(name) == job.stage:
+            raise StageFailed(f"stage {job.stage}: shards failed (transient)", permanent=False)
+        for i in shards:
+            if job.stage == "evaluate":
+                body = b'{"systems": {"bm25": {"aggregate": {"nDCG@10": 0.5}, "per_query": {}}}}'
+                run.commit_shard(job.stage, i, job.shards, body, ext="json")
+            else:
+                run.commit_shard(job.stage, i, job.shards, f'{{"{job.stage}": {i}}}\n'.encode())
+
+    def stages(self, name: str) -> list[str]:
+        return [stage for n, stage, _ in self.calls if n == name]
+
+
+def test_beir_again_after_a_crash_redoes_nothing_finished_and_reports_the_missing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from inpars.launch import cli
+
+    root = tmp_path / "beir"
+    for name in ("scifact", "nfcorpus", "fiqa"):
+        beir_folder(root, name)
+    workspace = tmp_path / "ws"
+    common = ["beir", "--workspace", str(workspace), "--corpus-root", str(root), "--set", "generate.shards=2", "--max-concurrent", "2"]
+
+    # 1. nfcorpus crashes at negatives (generate and filter committed); only transient failures: exit 75.
+    crashing = CommittingExecutor(crash={"nfcorpus": "negatives"})
+    monkeypatch.setattr(cli, "_executor", lambda backend, **kw: crashing)
+    first = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,fiqa"])
+    assert first.exit_code == 75, first.output
+    assert crashing.stages("nfcorpus") == ["generate", "filter", "negatives"]
+    lines = {ln.split()[0]: ln for ln in first.output.splitlines() if ln.split() and ln.split()[0] in ("scifact", "nfcorpus", "fiqa")}
+    assert "complete" in lines["scifact"] and "complete" in lines["fiqa"] and "failed" in lines["nfcorpus"]
+    assert "2/3 complete" in first.output
+
+    # The dry run says where each dataset stands, and submits and creates nothing.
+    dry = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,bioasq", "--dry-run"])
+    assert dry.exit_code == 42, dry.output  # bioasq's corpus is missing
+    rows = {ln.split()[0]: ln for ln in dry.output.splitlines() if ln.split()}
+    assert "complete" in rows["scifact"] and "partial: negatives 0/1" in rows["nfcorpus"]
+    assert "missing:" in rows["bioasq"] and "bioasq/corpus.jsonl" in rows["bioasq"]
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+
+    # 2. Again, with bioasq (no corpus in the mirror): nothing finished is redone, nfcorpus resumes at
+    #    negatives, bioasq is reported missing while the others run; a missing dataset: exit 42.
+    counting = CommittingExecutor()
+    monkeypatch.setattr(cli, "_executor", lambda backend, **kw: counting)
+    second = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,fiqa,bioasq"])
+    assert second.exit_code == 42, second.output
+    assert counting.stages("scifact") == [] and counting.stages("fiqa") == []  # nothing run, nothing paid twice
+    assert counting.stages("nfcorpus") == ["negatives", "train", "rerank", "evaluate"]
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before  # the same runs, resumed
+    table = {ln.split()[0]: ln for ln in second.output.splitlines() if ln.split()}
+    assert all("complete" in table[n] for n in ("scifact", "nfcorpus", "fiqa"))
+    assert "missing: " in table["bioasq"]
+    assert "3/4 complete, 1 missing" in second.output
+    assert "bm25 0.5000" in table["nfcorpus"]  # its evaluation, read from the workspace
+
+
+def test_beir_exit_codes():
+    from inpars.launch.beir import exit_code
+
+    done = RunResult("a", "complete")
+    assert exit_code([done]) == 0
+    assert exit_code([done, RunResult("b", "failed", error="x")]) == 75
+    assert exit_code([done, RunResult("b", "failed", error="x", permanent=True)]) == 42
+    assert exit_code([done, RunResult("b", "missing: no corpus", permanent=True)]) == 42

@@ -8,6 +8,9 @@ the real controller sets. The official client talks HTTP to kmock, run in a back
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -642,3 +645,312 @@ def test_a_multi_host_tpu_stage_runs_as_a_jobset(api, server):
     assert found["kind"] == "JobSet" and jobs_in(api) == {}  # a JobSet, not a batch/v1 Job
     assert ex.cancel("rj") == [found["metadata"]["name"]]
     assert ex.find_jobs("rj") == []
+
+
+# --------------------------------------------------------------------------------------------
+# The driver in the cluster (--detach): restarts, one driver per run, its Job, cancel and logs
+
+
+def write_kubeconfig(tmp_path: Path, server: KMockServer) -> Path:
+    """A kubeconfig for kmock: what `inpars-launch` (in this process or a child) loads like a real cluster's."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": server.url}}],
+                "users": [{"name": "tester", "user": {}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NS}}],
+                "current-context": "kmock",
+            }
+        )
+    )
+    return path
+
+
+def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: KMockServer) -> None:
+    """In this process: the kubernetes client read $KUBECONFIG when it was imported, so point it at kmock directly."""
+    import kubernetes.config
+    import kubernetes.config.kube_config
+
+    path = str(write_kubeconfig(tmp_path, server))
+    monkeypatch.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", path)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", path)
+
+
+class Launcher:
+    """``inpars-launch`` as a child process (a driver that can be killed), its output collected."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inpars.launch.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 90.0) -> None:
+        print("WAIT", text, time.monotonic(), flush=True)
+        wait_for(lambda: text in self.output or self.proc.poll() is not None, timeout)
+        assert text in self.output, f"{text!r} not in the output:\n{self.output}"
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no cleanup, its lease is left to expire
+        self.proc.wait(10)
+
+    def wait(self, timeout: float = 90.0) -> int:
+        code = self.proc.wait(timeout)
+        self.reader.join(5)
+        return code
+
+
+def job_posts(server: KMockServer) -> list:
+    return [r for r in server.handler["post"] if r.url.path.endswith("/jobs")]
+
+
+def test_a_driver_restarted_mid_stage_adopts_the_live_job_and_finishes(api, server, gcs_uri, tmp_path, monkeypatch):
+    from inpars.launch.driver import DriverBusy, drive_exclusively, driver_holder
+    from inpars.workspace import Run
+
+    monkeypatch.setenv("INPARS_LEASE_SECONDS", "1")  # a dead driver's lease expires within a second
+    run = Run.create(gcs_uri, PipelineConfig().override({"generate.shards": 2}), "restart-1")
+    env = {**os.environ, "KUBECONFIG": str(write_kubeconfig(tmp_path, server)), "COLUMNS": "200"}
+    args = ["resume", run.uri, "--backend", "k8s", "--until", "filter"]  # what the driver Job's pod runs
+
+    first = Launcher(args, env)
+    [generate] = wait_for(lambda: [n for n in jobs_in(api) if n.endswith("-generate")], timeout=90)
+    set_status(api, generate, {"active": 2})
+    first.wait_for("0/2 shards done, 2 running")
+    first.kill()  # the pod is deleted / its node lost, mid-stage
+
+    second = Launcher(args, env)  # the Job controller starts a new driver pod
+    second.wait_for("0/2 shards done, 2 running")  # it watches the live Job it found
+    assert [n for n in jobs_in(api) if "-generate" in n] == [generate]
+    with pytest.raises(DriverBusy, match="another driver"):  # a third driver is refused while the second drives
+        drive_exclusively(Run.open(run.uri), None, wait=0)  # type: ignore[arg-type]
+
+    for i in (0, 1):  # the stage's pods commit their shards, the Job completes
+        run.commit_shard("generate", i, 2, f'{{"query": "q{i}"}}\n'.encode())
+    set_status(api, generate, {"active": 0, "completedIndexes": "0-1", "conditions": [{"type": "Complete", "status": "True"}]})
+    [filter_job] = wait_for(lambda: [n for n in jobs_in(api) if n.endswith("-filter")], timeout=60)
+    run.commit_shard("filter", 0, 1, b'{"query": "q0"}\n')
+    set_status(api, filter_job, {"completedIndexes": "0", "conditions": [{"type": "Complete", "status": "True"}]})
+
+    assert second.wait() == 0, second.output
+    assert sorted(jobs_in(api)) == sorted([generate, filter_job])
+    assert len(job_posts(server)) == 2  # generate once (by the first driver), filter once: nothing twice
+    assert run.missing_shards("generate", 2) == [] and run.missing_shards("filter", 1) == []
+    assert driver_holder(run) is None  # the finished driver let the run go
+
+
+def test_a_second_driver_waits_for_a_dead_ones_lease_then_takes_over(gcs_uri, monkeypatch):
+    from inpars.launch.driver import DriverBusy, driver_holder, driver_lease, exclusive_driver
+    from inpars.workspace import Run
+
+    monkeypatch.setenv("INPARS_LEASE_SECONDS", "1")
+    run = Run.create(gcs_uri, PipelineConfig(), "lease-1")
+    dead = driver_lease(run)
+    assert dead.try_acquire()  # held, never renewed: its driver died
+    assert driver_holder(run) is not None
+    messages: list[str] = []
+    with exclusive_driver(run, say=messages.append) as lease:
+        assert lease.held and lease.taken_over is not None
+        with pytest.raises(DriverBusy):
+            with exclusive_driver(Run.open(run.uri), wait=0):
+                pass
+    assert any("waiting up to" in m for m in messages) and any("took over" in m for m in messages)
+    assert driver_holder(run) is None
+
+
+def posted_driver(server: KMockServer) -> dict:
+    """The driver Job exactly as the launcher sent it (the request body, before the server adds anything)."""
+    [body] = [r.data for r in job_posts(server) if r.data["metadata"]["labels"]["inpars.io/stage"] == "driver"][-1:]
+    return body
+
+
+def assert_valid_driver(manifest: dict) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from inpars.launch.k8s_manifests import validate_manifest
+
+    for version in ("1.30.0", "1.35.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(manifest, version, strict=True)
+    validate_manifest(manifest)
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "inpars-launcher" and pod["restartPolicy"] == "Never"
+    assert "queue-name" not in str(manifest["metadata"]["labels"])  # never queued behind its own stage Jobs
+    for env in pod["containers"][0].get("env", []):
+        assert set(env) == {"name", "value"} and not env["name"].endswith(("KEY", "TOKEN"))  # no secret at all
+
+
+def test_run_detach_creates_the_run_and_submits_a_validated_driver(api, server, gcs_uri, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from inpars.launch.cli import app
+    from inpars.workspace import Run
+
+    secret = "sk-test-never-in-a-manifest-4242"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    use_kubeconfig(monkeypatch, tmp_path, server)
+    args = ["run", "--backend", "k8s", "--detach", "--workspace", gcs_uri, "--run-id", "detached-1", "--image", "reg.io/inpars:cpu"]
+    result = CliRunner().invoke(app, [*args, "--set", "generate.backend=openai", "--queue", "inpars"])
+    assert result.exit_code == 0, result.output
+    run = Run.open(f"{gcs_uri}/runs/detached-1")  # created here: its config is pinned before the driver starts
+    assert run.config.generate.backend == "openai"
+    assert "driver Job inpars-detached-1-driver submitted" in result.output
+    assert f"inpars-launch logs {run.uri} driver --backend k8s" in result.output and "kubectl -n inpars logs -f job/" in result.output
+
+    manifest = posted_driver(server)
+    assert_valid_driver(manifest)
+    assert secret not in yaml.safe_dump(manifest)
+    [container] = manifest["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:5] == ["inpars-launch", "resume", run.uri, "--backend", "k8s"]
+    assert container["command"][container["command"].index("--queue") + 1] == "inpars"  # its stage Jobs are queued
+    assert "--detach" not in container["command"]
+    assert container["image"] == "reg.io/inpars:cpu"
+    assert {r["action"] for r in manifest["spec"]["podFailurePolicy"]["rules"]} == {"Ignore", "FailJob"}
+
+    # A second --detach of the same run while the driver is live: refused, nothing new submitted.
+    again = CliRunner().invoke(app, ["resume", run.uri, "--backend", "k8s", "--detach"])
+    assert again.exit_code == 75, again.output
+    assert "a driver is already running for this run: Job inpars-detached-1-driver" in again.output
+    assert list(jobs_in(api)) == ["inpars-detached-1-driver"]
+    # Once that driver has finished, `resume --detach` replaces it.
+    set_status(api, "inpars-detached-1-driver", {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
+    third = CliRunner().invoke(app, ["resume", run.uri, "--backend", "k8s", "--detach"])
+    assert third.exit_code == 0, third.output
+    assert "replacing the finished driver Job" in third.output
+    assert not jobs_in(api)["inpars-detached-1-driver"].get("status", {}).get("conditions")  # a fresh one
+
+
+def test_detach_is_refused_while_another_driver_holds_the_run(api, server, gcs_uri, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from inpars.launch.cli import app
+    from inpars.launch.driver import exclusive_driver
+    from inpars.workspace import Run
+
+    use_kubeconfig(monkeypatch, tmp_path, server)
+    run = Run.create(gcs_uri, PipelineConfig(), "held-1")
+    with exclusive_driver(run):  # e.g. a laptop's attached `resume`
+        result = CliRunner().invoke(app, ["resume", run.uri, "--backend", "k8s", "--detach"])
+    assert result.exit_code == 75 and "already has a driver" in result.output
+    assert job_posts(server) == []
+
+
+def test_cancel_deletes_the_driver_first_then_the_stage_jobs(api, server):
+    from inpars.launch.detach import beir_driver_manifest, beir_set_id, run_driver_manifest
+
+    ex = executor(api)
+    stage = ex.submit(stage_job("generate"), "rc")
+    driver = ex.submit_driver(run_driver_manifest("gs://b/runs/rc", "rc", namespace=NS, image="i:cpu"))
+    other = ex.submit(stage_job("generate"), "someone-else")
+    assert sorted(ex.cancel("rc")) == sorted([driver, stage])
+    deletes = [r.url.path.rsplit("/", 1)[-1] for r in server.handler["delete"]]
+    assert deletes == [driver, stage]  # the driver cannot submit a stage after our listing
+    assert list(jobs_in(api)) == [other]
+
+    # A BEIR driver: cancelling its set cancels the runs it drives, and only those.
+    a, b = ex.submit(stage_job("generate"), "ds-a"), ex.submit(stage_job("rerank"), "ds-b")
+    beir = ex.submit_driver(beir_driver_manifest("gs://b/ws", ["ds-a", "ds-b"], namespace=NS, image="i:cpu"))
+    assert sorted(ex.cancel(beir_set_id("gs://b/ws", ["ds-b", "ds-a"]))) == sorted([beir, a, b])
+    assert list(jobs_in(api)) == [other]
+
+
+def test_logs_of_the_driver_from_any_machine(api, server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from inpars.launch.cli import app
+    from inpars.launch.detach import run_driver_manifest
+
+    use_kubeconfig(monkeypatch, tmp_path, server)
+    job = executor(api).submit_driver(run_driver_manifest("gs://b/ws/runs/rl", "rl", namespace=NS, image="i:cpu"))
+    pod = f"{job}-x7k2p"
+    client.CoreV1Api(api).create_namespaced_pod(
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": NS, "labels": {JOB_NAME_LABEL: job}},
+            "spec": {"containers": [{"name": "driver", "image": "i:cpu"}]},
+        },
+    )
+    server.handler[f"get /api/v1/namespaces/{NS}/pods/{pod}/log"] << b"generate: 3/8 shards done, 5 running [running]\n"
+    # No workspace access: the run need not be readable from here (this URI is not even real).
+    result = CliRunner().invoke(app, ["logs", "gs://b/ws/runs/rl", "driver", "--backend", "k8s"])
+    assert result.exit_code == 0, result.output
+    assert f"==> {pod} <==" in result.output and "3/8 shards done" in result.output
+    [request] = [r for r in server.handler["get"] if r.url.path.endswith(f"{pod}/log")]
+    assert request.url.query.get("container") == "driver"
+
+
+def test_beir_detach_pins_every_run_and_submits_one_driver(api, server, gcs_uri, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from inpars.launch.cli import app
+    from inpars.storage import open_storage
+    from inpars.workspace import Run
+
+    use_kubeconfig(monkeypatch, tmp_path, server)
+    sample = ROOT / "inpars" / "data" / "scifact-sample" / "corpus.jsonl"
+    mirror = open_storage(f"{gcs_uri}/beir")
+    for name in ("scifact", "nfcorpus"):  # a mirror without bioasq
+        mirror.write_bytes(f"{name}/corpus.jsonl", sample.read_bytes())
+    workspace = f"{gcs_uri}/ws"
+    args = ["beir", "--backend", "k8s", "--workspace", workspace, "--corpus-root", f"{gcs_uri}/beir", "--image", "reg.io/inpars:cpu"]
+    result = CliRunner().invoke(app, [*args, "--detach", "--datasets", "scifact,nfcorpus,bioasq", "--max-concurrent", "4"])
+    assert result.exit_code == 42, result.output  # submitted, but a dataset is missing: the command says so
+    assert "bioasq/corpus.jsonl: no such object or folder" in result.output and "1 dataset(s) missing" in result.output
+
+    manifest = posted_driver(server)
+    assert_valid_driver(manifest)
+    command = manifest["spec"]["template"]["spec"]["containers"][0]["command"]
+    ids = command[command.index("--runs") + 1].split(",")
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["scifact", "nfcorpus"]
+    assert command[:2] == ["inpars-launch", "beir"] and command[command.index("--max-concurrent") + 1] == "4"
+    assert manifest["metadata"]["annotations"]["inpars.io/run-ids"] == ",".join(ids)
+    for run_id in ids:  # created here, configs pinned before the driver starts
+        assert f"{run_id}\t{workspace}/runs/{run_id}" in result.output
+        assert Run.open(f"{workspace}/runs/{run_id}").config.data.corpus.startswith(f"{gcs_uri}/beir/")
+    assert f"driver Job {manifest['metadata']['name']} submitted for 2 run(s)" in result.output
+
+    # The same request again while its driver is live: refused, nothing submitted.
+    posts = len(job_posts(server))
+    again = CliRunner().invoke(app, [*args, "--detach", "--datasets", "scifact,nfcorpus"])
+    assert again.exit_code == 75 and "a driver is already running" in again.output
+    assert len(job_posts(server)) == posts + 1 and len(jobs_in(api)) == 1  # one 409, still one driver
+
+
+def test_beir_all_datasets_dry_run_on_k8s_validates_every_manifest(gcs_uri):
+    from typer.testing import CliRunner
+
+    from inpars.launch.cli import app
+    from inpars.storage import open_storage
+
+    workspace = f"{gcs_uri}/ws"
+    config = ["--set", "generate.shards=64", "--set", "negatives.shards=64", "--set", "rerank.shards=64"]
+    result = CliRunner().invoke(app, ["beir", "--backend", "k8s", "--workspace", workspace, "--dry-run", "--detach", *config])
+    assert result.exit_code == 42, result.output  # four datasets are not in ir_datasets: reported, not fatal
+    table = result.stderr
+    for name in ("bioasq", "signal1m", "trec-news", "robust04"):
+        assert any(line.startswith(name) and "missing: " in line for line in table.splitlines())
+    assert "25/29 can run, 4 missing" in table
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    driver, stages = docs[0], docs[1:]
+    assert (
+        driver["metadata"]["labels"]["inpars.io/stage"] == "driver"
+        and len(driver["metadata"]["annotations"]["inpars.io/run-ids"].split(",")) == 25
+    )
+    assert len(stages) == 25 * 6
+    assert_valid_driver(driver)
+    longest = max((d["metadata"]["name"] for d in stages), key=len)
+    assert len(longest) + len("-63") <= 63  # the last pod's hostname of the longest name (64 shards)
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    run_label = next(d for d in stages if d["metadata"]["name"] == longest)["metadata"]["labels"]["inpars.io/run-id"]
+    for doc in (d for d in stages if d["metadata"]["labels"]["inpars.io/run-id"] == run_label):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    assert open_storage(workspace).list("") == []  # a dry run creates nothing

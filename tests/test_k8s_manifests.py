@@ -684,3 +684,28 @@ def test_the_shipped_kueue_queue_covers_every_accelerator():
             assert verdict.fits, (accelerator, topology, verdict.problems)
         else:
             assert not verdict.fits and "google.com/tpu" in verdict.explain("inpars")
+
+
+def test_driver_job_at_the_longest_run_ids():
+    from inpars.launch.detach import beir_driver_manifest, run_driver_manifest
+    from inpars.launch.k8s_manifests import driver_job_name
+
+    longest = "cqadupstack-mathematica-" + "x" * 39  # a 63-character run id, the most a run id may have
+    assert len(longest) == 63
+    m = run_driver_manifest(f"gs://b/ws/runs/{longest}", longest, namespace="inpars", image="reg/inpars:cuda", until="train")
+    validate_strictly(m)
+    validate_manifest(m)
+    name = m["metadata"]["name"]
+    assert name == driver_job_name(longest) and len(name) <= 63 and name.endswith("-driver")
+    assert m["metadata"]["annotations"]["inpars.io/run-id"] == longest  # unabridged
+    [container] = m["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "reg/inpars:cpu"  # the driver needs no accelerator
+    assert container["command"][-2:] == ["--until", "train"] and "reg/inpars:cuda" in container["command"]  # stages pick their variant
+    ids = [f"dataset-{i:02d}-" + "y" * 40 for i in range(29)]
+    beir = beir_driver_manifest("gs://b/ws", ids, namespace="inpars", image="reg/inpars:cpu")
+    validate_strictly(beir)
+    assert beir["metadata"]["name"].startswith("inpars-beir-") and beir["metadata"]["annotations"]["inpars.io/run-ids"] == ",".join(ids)
+    # The same request (any order of its runs) names the same driver: a second one meets a 409.
+    same = beir_driver_manifest("gs://b/ws/", list(reversed(ids)), namespace="inpars", image="reg/inpars:cpu")
+    other = beir_driver_manifest("gs://b/ws", ids[:-1], namespace="inpars", image="reg/inpars:cpu")
+    assert same["metadata"]["name"] == beir["metadata"]["name"] != other["metadata"]["name"]

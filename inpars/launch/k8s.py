@@ -15,6 +15,10 @@ unfinished one, as a cancel. A Job found missing (404: the events were missed, e
 through the TTL) makes the executor ask the workspace: committed -> go on; not committed -> submit
 it again (unless the Job was seen running less than a TTL ago: then someone deleted it).
 
+The driver Job (``--detach``, :func:`~inpars.launch.k8s_manifests.render_driver`) is submitted by
+:meth:`K8sExecutor.submit_driver`: its name is one per run, so a live one refuses a second
+(:class:`DriverRunning`) and a finished one is replaced; ``cancel`` deletes it before the stage Jobs.
+
 Tested against kmock (an in-memory API server without selectors, resourceVersions or PUT), so every
 list is also filtered client-side and every watch loop stops on its own terminal condition.
 """
@@ -27,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TransientError
 from ..shards import SHARD_COUNT_ENV
 from . import kueue
 from .k8s_manifests import (
@@ -36,6 +40,8 @@ from .k8s_manifests import (
     CONTAINER,
     DEFAULT_PENDING_DEADLINE_SECONDS,
     DEFAULT_SERVICE_ACCOUNT,
+    DRIVER_CONTAINER,
+    DRIVER_STAGE,
     JOB_NAME_LABEL,
     JOBSET_GROUP,
     JOBSET_NAME_LABEL,
@@ -43,6 +49,7 @@ from .k8s_manifests import (
     JOBSET_VERSION,
     PENDING_DEADLINE_ANNOTATION,
     RUN_ANNOTATION,
+    RUN_IDS_ANNOTATION,
     RUN_LABEL,
     SHARDS_ANNOTATION,
     STAGE_LABEL,
@@ -179,6 +186,14 @@ class JobMissingError(JobFailedError):
 
 class JobStuckError(JobFailedError):
     """The Job made no progress for its pending deadline: pods Pending or the Job left queued."""
+
+
+class DriverRunning(TransientError):
+    """A driver Job of that name is live: a second driver for the same run is not started."""
+
+    def __init__(self, name: str, namespace: str):
+        self.name = name
+        super().__init__(f"a driver is already running for this run: Job {name} in namespace {namespace}")
 
 
 class CommittedShards(Protocol):
@@ -604,9 +619,9 @@ class K8sExecutor:
         out = [_wire(self.api, p) for p in pods]
         return [p for p in out if (p.get("metadata", {}).get("labels") or {}).get(key) == value]
 
-    def _pod_log(self, pod: str, tail_lines: int | None) -> str:
+    def _pod_log(self, pod: str, tail_lines: int | None, container: str = CONTAINER) -> str:
         # Raw bytes: the typed path cannot decode every server's content type (kmock: octet-stream).
-        resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER, tail_lines=tail_lines, _preload_content=False)
+        resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=container, tail_lines=tail_lines, _preload_content=False)
         return resp.data.decode("utf-8", errors="replace")
 
     def _pod_shard(self, res: _Jobs, pod: Mapping[str, Any], progress: JobProgress) -> int | None:
@@ -665,32 +680,89 @@ class K8sExecutor:
     ) -> dict[str, tuple[int | None, str]]:
         """Pod name -> (shard, log text) for a stage's pods (``index``: only that shard's pods)."""
         out: dict[str, tuple[int | None, str]] = {}
+        container = DRIVER_CONTAINER if stage == DRIVER_STAGE else CONTAINER
         for obj in self.find_jobs(run_id, stage):
             progress = progress_of(obj)
             res = self._kinds(obj.get("kind", "Job"))[0]
             for pod in self._pods(res, obj["metadata"]["name"]):
-                shard = self._pod_shard(res, pod, progress)
+                shard = None if stage == DRIVER_STAGE else self._pod_shard(res, pod, progress)
                 if index is None or shard == index:
-                    out[pod["metadata"]["name"]] = (shard, self._pod_log(pod["metadata"]["name"], tail_lines))
+                    out[pod["metadata"]["name"]] = (shard, self._pod_log(pod["metadata"]["name"], tail_lines, container))
         return out
 
     def logs(self, run_id: str, stage: str, index: int | None = None, *, tail_lines: int | None = None) -> str:
         """A stage's pod logs as one text, each under a ``==> pod (shard i) <==`` header."""
         parts = [
-            f"==> {pod} (shard {shard}) <==\n{text.rstrip()}"
+            f"==> {pod}{'' if shard is None else f' (shard {shard})'} <==\n{text.rstrip()}"
             for pod, (shard, text) in sorted(self.pod_logs(run_id, stage, index, tail_lines=tail_lines).items())
         ]
         if not parts:
             return f"no pods found for stage {stage!r} of run {run_id!r}" + (f" shard {index}" if index is not None else "")
         return "\n".join(parts)
 
-    def cancel(self, run_id: str) -> list[str]:
-        """Delete the run's Jobs and their pods (the workspace keeps every committed shard)."""
-        names = []
-        for obj in self.find_jobs(run_id):
-            self._delete(self._kinds(obj.get("kind", "Job"))[0], obj["metadata"]["name"])
+    def cancel(self, run_id: str, *, driver_grace: float = 60.0) -> list[str]:
+        """Delete the run's Jobs and their pods (the workspace keeps every committed shard).
+
+        The driver Job goes first, and its pods are waited for (up to ``driver_grace`` seconds), so
+        that it cannot submit a stage between our listing and its end; a BEIR driver's runs (its
+        ``inpars.io/run-ids``) are cancelled with it. Stage Jobs are listed after that.
+        """
+        names: list[str] = []
+        run_ids = [run_id]
+        drivers = self.find_jobs(run_id, DRIVER_STAGE)
+        for obj in drivers:
+            annotations = obj["metadata"].get("annotations") or {}
+            run_ids += [r for r in (annotations.get(RUN_IDS_ANNOTATION) or "").split(",") if r]
+            self._delete(self.jobs, obj["metadata"]["name"])
             names.append(obj["metadata"]["name"])
+        deadline = self.clock() + driver_grace
+        for obj in drivers:
+            while self._pods(self.jobs, obj["metadata"]["name"]) and self.clock() < deadline:
+                time.sleep(min(self.poll_interval, 2.0))
+        for rid in dict.fromkeys(run_ids):
+            for obj in self.find_jobs(rid):
+                if obj["metadata"]["name"] in names:
+                    continue
+                self._delete(self._kinds(obj.get("kind", "Job"))[0], obj["metadata"]["name"])
+                names.append(obj["metadata"]["name"])
         return names
+
+    def submit_driver(self, manifest: dict[str, Any], *, replace_wait: float = 30.0) -> str:
+        """Create a driver Job (:func:`~inpars.launch.k8s_manifests.render_driver`); return its name.
+
+        Its name is one per run, so the API server decides between two launchers: a live driver of
+        that name raises :class:`DriverRunning` (nothing is submitted); a finished one (its TTL not yet
+        passed) is deleted and replaced, because a finished driver drives nothing.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        name = manifest["metadata"]["name"]
+        want = (manifest["metadata"]["labels"] or {}).get(RUN_LABEL)
+        deadline = self.clock() + replace_wait
+        while True:
+            try:
+                self.jobs.create(manifest)
+                return name
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            existing = self.jobs.get(name)
+            if existing is None:  # deleted meanwhile: create again
+                continue
+            labels = existing.get("metadata", {}).get("labels") or {}
+            if labels.get(RUN_LABEL) != want or labels.get(STAGE_LABEL) != DRIVER_STAGE:
+                raise ConfigError(f"Job {name} exists in {self.namespace} but is not this run's driver")
+            if not progress_of({**existing, "kind": "Job"}).finished:
+                raise DriverRunning(name, self.namespace)
+            if self.clock() > deadline:
+                raise TransientError(f"the finished driver Job {name} is still being deleted; try again in a minute")
+            self.say(f"replacing the finished driver Job {name}")
+            try:
+                self.jobs.delete(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            time.sleep(min(self.poll_interval, 1.0))
 
     def run_stage(
         self,

@@ -8,6 +8,9 @@ the resume mapping, the device) is :mod:`inpars.shards`'s.
 A stage on a multi-host TPU slice is a ``jobset.x-k8s.io/v1alpha2`` JobSet instead: one replicated
 Job with one pod per host (``completions = parallelism = hosts``), all hosts running the same shard.
 
+The driver itself (``--detach``) is one more ``batch/v1`` Job, :func:`render_driver`: one pod
+running ``inpars-launch resume RUN --backend k8s ...`` under the ``inpars-launcher`` service account.
+
 Job-level choices (why): ``backoffLimitPerIndex`` retries each shard on its own;
 ``podFailurePolicy`` ignores disruptions (preemption costs no retry) and fails a shard at once on
 :data:`inpars.errors.EXIT_PERMANENT`; ``podReplacementPolicy: Failed`` never runs two pods on one
@@ -68,6 +71,23 @@ NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
 CONTAINER = "worker"
 DEFAULT_SERVICE_ACCOUNT = "inpars-runner"
 RUN_AS_USER = 1000  # the non-root user of the images (images/Dockerfile.*)
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+# The driver Job (``--detach``): the orchestration itself, in the cluster (see render_driver).
+DRIVER_STAGE = "driver"  # its inpars.io/stage label: `logs RUN driver`, and `cancel` deletes it first
+DRIVER_CONTAINER = "driver"
+DRIVER_SERVICE_ACCOUNT = "inpars-launcher"  # k8s/rbac.yaml: manages Jobs, reads pods and logs; Workload Identity for the bucket
+RUN_IDS_ANNOTATION = "inpars.io/run-ids"  # a BEIR driver: the runs it drives (cancel deletes their Jobs too)
+# Retries of the driver pod after a crash or a transient stage failure (exit 75): each retry resumes
+# the run where the workspace says it is. A node lost or a preemption does not count (DisruptionTarget).
+DRIVER_BACKOFF_LIMIT = 2
 MAX_NAME = 63  # a DNS label
 
 # activeDeadlineSeconds per stage when resources.<stage>.active_deadline_seconds is not set: the
@@ -325,19 +345,13 @@ def _job_manifest(
         "command": launch_command(job),
         "env": env,
         "resources": resources,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     pod: dict[str, Any] = {
         "containers": [container],
         "restartPolicy": "Never",
         "serviceAccountName": service_account,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
     }
     if node_selector:
         pod["nodeSelector"] = node_selector
@@ -548,6 +562,79 @@ def render_stage(
     return render_job(job, max_parallel_pods=max_parallel_pods, **common)
 
 
+def driver_job_name(run_id: str) -> str:
+    """The driver Job of ``run_id`` (a run, or a BEIR set): one name per run, so that a second driver
+    for the same run meets a 409 from the API server instead of starting."""
+    return job_name(run_id, DRIVER_STAGE)
+
+
+def render_driver(
+    command: Sequence[str],
+    *,
+    run_id: str,
+    namespace: str,
+    image: str,
+    runs: Sequence[str] = (),
+    service_account: str = DRIVER_SERVICE_ACCOUNT,
+    ttl_seconds: int = 86400,
+    backoff_limit: int = DRIVER_BACKOFF_LIMIT,
+    cpu: str = "250m",
+    memory: str = "1Gi",
+) -> dict[str, Any]:
+    """The driver as a ``batch/v1`` Job: one pod that runs ``command`` (``inpars-launch resume RUN ...``,
+    or ``inpars-launch beir --runs ...`` for the BEIR ``runs``) in the CPU variant of ``image``.
+
+    Why each choice: ``restartPolicy: Never`` with ``backoffLimit`` (a fresh pod per try, and each
+    try's log stays readable); the ``podFailurePolicy`` ignores disruptions (a lost node, a
+    preemption: no try counted) and fails the Job at once on :data:`~inpars.errors.EXIT_PERMANENT` (a
+    bad input fails again); no Kueue queue label (it holds no accelerator, and a driver queued behind
+    the Jobs it submits could deadlock a full quota); no secret at all: stage pods read their keys by
+    reference, the driver needs none.
+    """
+    if not command:
+        raise ConfigError("the driver needs a command")
+    name = driver_job_name(run_id)
+    labels = {NAME_LABEL: "inpars", RUN_LABEL: run_label(run_id), STAGE_LABEL: DRIVER_STAGE, ATTEMPT_LABEL: "0"}
+    annotations = {RUN_ANNOTATION: run_id}
+    if runs:
+        annotations[RUN_IDS_ANNOTATION] = ",".join(runs)
+    container = {
+        "name": DRIVER_CONTAINER,
+        "image": image_for(image, ResourcesConfig()),
+        "command": [str(arg) for arg in command],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+    }
+    pod = {
+        "containers": [container],
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+    }
+    manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"annotations": annotations, "labels": dict(labels), "name": name, "namespace": namespace},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": DRIVER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
+                    },
+                ]
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "ttlSecondsAfterFinished": ttl_seconds,
+        },
+    }
+    validate_manifest(manifest)
+    return manifest
+
+
 def _apply_template(manifest: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
     """Overlay the rendered Job on the stage template (the StageJob wins on conflicts)."""
     out = copy.deepcopy(manifest)
@@ -709,7 +796,8 @@ EXAMPLE_TPU_TRAIN = {"train": {"cpu": "8", "memory": "64Gi", "tpu_type": "tpu-v5
 
 def render_examples() -> dict[str, str]:
     """``jobs/<stage>.yaml``: every stage of :data:`EXAMPLE_CONFIG` (the default config, with shards and
-    GPUs), and ``jobs/train-tpu-multihost.yaml``: training on a v5p 2x2x2 slice (a JobSet)."""
+    GPUs), ``jobs/train-tpu-multihost.yaml``: training on a v5p 2x2x2 slice (a JobSet), and
+    ``jobs/driver.yaml``: the run's driver Job (``--detach``)."""
     from ..config import PipelineConfig
     from .plan import plan_pipeline
 
@@ -726,6 +814,10 @@ def render_examples() -> dict[str, str]:
     tpu = PipelineConfig.from_dict({**EXAMPLE_CONFIG, "resources": {**EXAMPLE_CONFIG["resources"], **EXAMPLE_TPU_TRAIN}})
     [train] = [job for job in plan_pipeline(tpu, EXAMPLE_RUN_URI, until="train") if job.stage == "train"]
     out["train-tpu-multihost.yaml"] = text(train)
+    from .detach import run_driver_manifest
+
+    driver = run_driver_manifest(EXAMPLE_RUN_URI, EXAMPLE_RUN_ID, namespace=EXAMPLE_NAMESPACE, image=config.image)
+    out["driver.yaml"] = header + to_yaml([driver])
     return out
 
 
