@@ -22,6 +22,8 @@ _EXPORTS = {
     "write_run": "corpus",
     "read_jsonl": "corpus",
     "write_jsonl": "corpus",
+    "read_query_rows": "queryfiles",
+    "iter_query_rows": "queryfiles",
     "PipelineConfig": "config",
     "InParsError": "errors",
     "InputError": "errors",

@@ -298,9 +298,23 @@ def publish_worker(run: Run, index: int, count: int) -> None:
     from .publish import publish_dataset
 
     config = run.config
+    shards = stage_shards(config)
     kept = run.read_rows("filter", 1)
     summary = json.loads(run.get_file("filter", "summary.json")) if run.has_file("filter", "summary.json") else {}
-    manifest = publish_dataset(kept, config.publish.destination, dataset=config.data.name, manifest=run.manifest, filter_stats=summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        triples = Path(tmp) / "triples.tsv"
+        with open(triples, "wb") as f:  # the shards' TSVs end in a newline: concatenated, they are one file
+            for i in range(shards["negatives"]):
+                f.write(run.get_file("negatives", f"triples-{shard_name(i, shards['negatives'], 'tsv')}"))
+        manifest = publish_dataset(
+            kept,
+            config.publish.destination,
+            dataset=config.data.name,
+            manifest=run.manifest,
+            filter_stats=summary,
+            generated=run.read_rows("generate", shards["generate"]),
+            triples_tsv=triples,
+        )
     run.commit_shard("publish", 0, 1, json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(kept)})
 
 
@@ -322,7 +336,7 @@ INPUTS = {
     "train": ("negatives",),
     "rerank": ("train", "generate"),
     "evaluate": ("rerank",),
-    "publish": ("filter",),
+    "publish": ("generate", "filter", "negatives"),
 }
 
 
