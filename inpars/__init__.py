@@ -26,6 +26,8 @@ _EXPORTS = {
     "format_run": "runs",
     "fuse_runs": "runs",
     "choose_fusion_weight": "runs",
+    "read_query_rows": "queryfiles",
+    "iter_query_rows": "queryfiles",
     "PipelineConfig": "config",
     "InParsError": "errors",
     "InputError": "errors",

@@ -97,7 +97,7 @@ def generate(
 @app.command("filter")
 @cli_errors
 def filter_(
-    input: Path = typer.Option(..., help="generated queries (JSONL)"),
+    input: Path = typer.Option(..., help="generated queries (JSONL: ours, the toolkit's or the v1 release's)"),
     output: Path = typer.Option(..., help="kept queries (JSONL)"),
     dropped: Path | None = typer.Option(None, help="dropped queries with their reason (JSONL)"),
     strategy: str = typer.Option("scores", help="scores | reranker | consistency"),
@@ -111,8 +111,9 @@ def filter_(
     consistency_top_k: int = 10,
 ):
     """Keep the best synthetic queries; write the rest with the reason they were dropped."""
-    from .corpus import read_corpus, read_jsonl, write_jsonl
+    from .corpus import read_corpus, write_jsonl
     from .filter import drop_counts, filter_queries
+    from .queryfiles import read_query_rows
 
     cfg = FilterConfig.of(
         "inpars filter",
@@ -137,7 +138,7 @@ def filter_(
             raise InParsError("--strategy consistency needs --corpus")
         docs = read_corpus(fetch(corpus))
         index = build_index(docs)
-    kept, drop = filter_queries(read_jsonl(input), cfg, scorer=scorer, index=index, docs=docs)
+    kept, drop = filter_queries(read_query_rows(input), cfg, scorer=scorer, index=index, docs=docs)
     write_jsonl(kept, output)
     if dropped:
         write_jsonl(drop, dropped)
@@ -147,7 +148,7 @@ def filter_(
 @app.command()
 @cli_errors
 def negatives(
-    input: Path = typer.Option(..., help="filtered queries (JSONL)"),
+    input: Path = typer.Option(..., help="filtered queries (JSONL: ours, the toolkit's or the v1 release's)"),
     corpus: str = typer.Option(...),
     output: Path = typer.Option(..., help="triples with ids (JSONL)"),
     tsv: Path | None = typer.Option(None, help="also write query<TAB>positive<TAB>negative texts"),
@@ -158,12 +159,14 @@ def negatives(
 ):
     """Mine BM25 hard negatives for every synthetic query."""
     from .bm25 import build_index
-    from .corpus import read_corpus, read_jsonl, write_jsonl
+    from .corpus import read_corpus, write_jsonl
     from .negatives import mine_negatives, write_triples_tsv
+    from .queryfiles import read_query_rows
 
+    rows = read_query_rows(input)
     docs = read_corpus(fetch(corpus))
     index = build_index(docs)
-    triples = mine_negatives(read_jsonl(input), index, depth=depth, n_negatives=n_negatives, skip_top=skip_top, seed=seed)
+    triples = mine_negatives(rows, index, depth=depth, n_negatives=n_negatives, skip_top=skip_top, seed=seed)
     write_jsonl(triples, output)
     if tsv:
         write_triples_tsv(triples, docs, tsv)
@@ -256,13 +259,14 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="write all results as JSON"),
 ):
     """Evaluate runs with ir-measures; print a table."""
-    from .corpus import read_jsonl, read_qrels
+    from .corpus import read_qrels
     from .evaluate import evaluate as evaluate_
     from .evaluate import format_table
     from .generate import fewshot_query_ids
+    from .queryfiles import iter_query_rows
     from .runs import read_run
 
-    exclude = fewshot_query_ids(read_jsonl(exclude_fewshot)) if exclude_fewshot else set()
+    exclude = fewshot_query_ids(iter_query_rows(exclude_fewshot)) if exclude_fewshot else set()
     qrels_ = read_qrels(qrels)
     results = {p.stem: evaluate_(read_run(p), qrels_, measures.split(","), exclude_queries=exclude) for p in run}
     typer.echo(format_table({name: r["aggregate"] for name, r in results.items()}))
@@ -273,15 +277,26 @@ def evaluate(
 @app.command()
 @cli_errors
 def publish(
-    input: Path = typer.Option(..., help="filtered queries (JSONL)"),
+    input: Path = typer.Option(..., help="filtered queries (JSONL: ours, the toolkit's or the v1 release's)"),
     destination: str = typer.Option(..., help="local folder or gs://bucket/prefix"),
     dataset: str = typer.Option(...),
+    generated: Path | None = typer.Option(None, help="every generated query (JSONL), published as <dataset>/queries.jsonl"),
+    triples: Path | None = typer.Option(
+        None, help="triples TSV from `inpars negatives --tsv`, published as <dataset>/triples_train_v2.tsv"
+    ),
 ):
-    """Publish filtered queries as a downloadable dataset (JSONL + manifest + card), idempotently."""
-    from .corpus import read_jsonl
+    """Publish a dataset (queries in the InPars-v2 layout, triples, manifest, card), idempotently."""
     from .publish import publish_dataset
+    from .queryfiles import iter_query_rows
 
-    manifest = publish_dataset(read_jsonl(input), destination, dataset=dataset, manifest={})
+    manifest = publish_dataset(
+        iter_query_rows(input),
+        destination,
+        dataset=dataset,
+        manifest={},
+        generated=iter_query_rows(generated) if generated else None,
+        triples_tsv=triples,
+    )
     typer.echo(json.dumps(manifest, indent=2, default=str))
 
 

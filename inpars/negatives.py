@@ -7,11 +7,12 @@ by ``(seed, query_id)`` alone, so a query gets the same negatives whichever shar
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .bm25 import BM25Index
@@ -102,34 +103,109 @@ def mine_negatives(
     return out
 
 
-def _clean(text: str) -> str:
-    # A tab or newline inside a field would break the TSV's columns.
-    return " ".join(text.replace("\t", " ").split())
+def tsv_field(text: str) -> str:
+    """A text as one triples-TSV field: every run of whitespace (tabs, newlines, CR, Unicode
+    separators) made one space, ends stripped.
+
+    Whitespace is normalised rather than kept inside quotes so that one triple stays one line: line
+    tools (``wc -l``, ``split``, ``head``) and shard concatenation keep working, and the tokenizers
+    our models use split on whitespace anyway. Quotes are left as they are: the CSV writer quotes them.
+    """
+    return " ".join(text.split())
+
+
+# pandas' default missing-value strings (``pandas._libs.parsers.STR_NA_VALUES``): the toolkit's CSV
+# loader reads a field that is exactly one of these as null, quoted or not.
+CSV_NA_STRINGS = frozenset(
+    (
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    )
+)
+
+
+def triples_tsv_writer(f):
+    """The CSV dialect the toolkit's loader reads back exactly (``datasets.load_dataset("csv",
+    sep="\\t", names=("query", "positive", "negative"))``, i.e. pandas): tab-separated, ``\\n``
+    line ends, a field quoted only when it holds a quote (``"`` doubled inside), as the toolkit's
+    own ``generate_triples.py`` writes."""
+    return csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL, quotechar='"', doublequote=True)
 
 
 def write_triples_tsv(triples: Iterable[Mapping], docs: Mapping[str, Document], path: str | os.PathLike) -> int:
     """Write ``query<TAB>positive text<TAB>negative text``, one line per negative; returns the count.
 
-    Texts are :attr:`Document.contents` (title + text) with tabs and newlines made spaces.
-    The file is written atomically (temp file + rename).
+    Texts are :attr:`Document.contents` (title + text) passed through :func:`tsv_field`; the file is
+    CSV (see :func:`triples_tsv_writer`), so a query starting with ``"`` or holding an unclosed quote
+    reads back exactly. A triple with a field that the loader would read as null (the whole text is
+    ``NA``, ``null``, ``None``...: :data:`CSV_NA_STRINGS`) is left out with a warning naming its query:
+    every line written reads back as written. Written atomically (temp file + rename).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
+    n, unreadable = 0, []
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = triples_tsv_writer(f)
             for t in triples:
                 ids = [t["pos_doc_id"], *t["neg_doc_ids"]]
                 for did in ids:
                     if did not in docs:
                         raise InputError(f"query {t.get('query_id')!r}: document {did!r} is not in the corpus")
-                query, pos = _clean(t["query"]), _clean(docs[t["pos_doc_id"]].contents)
+                query, pos = tsv_field(t["query"]), tsv_field(docs[t["pos_doc_id"]].contents)
                 for did in t["neg_doc_ids"]:
-                    f.write(f"{query}\t{pos}\t{_clean(docs[did].contents)}\n")
+                    fields = (query, pos, tsv_field(docs[did].contents))
+                    if any(text in CSV_NA_STRINGS for text in fields):
+                        unreadable.append(t.get("query_id"))
+                        continue
+                    writer.writerow(fields)
                     n += 1
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    if unreadable:
+        log.warning(
+            "%s: left out %d triples whose query or document text a CSV loader reads as null (e.g. query %r)",
+            path,
+            len(unreadable),
+            unreadable[0],
+        )
     return n
+
+
+def iter_triples_tsv(path: str | os.PathLike) -> Iterator[tuple[int, tuple[str, str, str]]]:
+    """``(line, (query, positive, negative))`` of a triples TSV in the dialect of
+    :func:`triples_tsv_writer` (``line``: where the record starts); a record that is not three fields
+    raises naming the file and line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, strict=True)
+        line = 1
+        try:
+            for record in reader:
+                if len(record) != 3:
+                    raise InputError(
+                        f"expected 3 tab-separated fields (query, positive, negative), got {len(record)}", path=str(path), line=line
+                    )
+                yield line, (record[0], record[1], record[2])
+                line = reader.line_num + 1
+        except csv.Error as e:
+            raise InputError(f"malformed TSV ({e})", path=str(path), line=reader.line_num) from None

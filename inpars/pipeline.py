@@ -92,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "publish",
         "inpars.workers:publish_worker",
-        ("filter",),
+        ("generate", "filter", "negatives"),
         _one,
         None,
         ResourcesConfig(cpu="1", memory="2Gi"),

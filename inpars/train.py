@@ -19,7 +19,10 @@ classification checkpoint, a masked LM) as a cross-encoder. What each choice gav
 against LCE, a fresh head on a retriever) is measured in the README ("Which loss, which model type").
 
 The output folder is a standard HF model folder (``save_pretrained`` of model and tokenizer) plus
-``inpars_model.json`` so :func:`inpars.rerank.load_reranker` knows how to score it.
+``inpars_model.json`` so :func:`inpars.rerank.load_reranker` knows how to score it, plus what
+sentence-transformers needs to load it as it is (:mod:`inpars.model_formats`: a bi-encoder loads with
+``SentenceTransformer(folder)``, a cross-encoder with ``CrossEncoder(folder)``; a monoT5 folder is what
+the InPars toolkit's reranker loads).
 """
 
 from __future__ import annotations
@@ -353,9 +356,22 @@ def _curve(losses: list[float], points: int = 10) -> dict[str, Any]:
 
 
 def _save(model: Any, tokenizer: Any, config: TrainConfig, base: str, stats: dict, output_dir: Path) -> None:
+    from .model_formats import bound_tokenizer_length, write_model_formats
+
     output_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(output_dir)  # from an XLA/GPU device too: saving reads CPU tensors
+    bound_tokenizer_length(tokenizer, config.max_length)
     tokenizer.save_pretrained(output_dir)
+    # The files sentence-transformers / the InPars toolkit load the folder with (see inpars.model_formats).
+    formats = write_model_formats(
+        output_dir,
+        config.model_type,
+        hidden_size=getattr(model.config, "hidden_size", 0),
+        max_length=config.max_length,
+        relevance_tokens=config.relevance_tokens,
+    )
+    if formats["warning"]:
+        log.warning("%s: %s", output_dir, formats["warning"])
     meta = {
         "model_type": config.model_type,
         "relevance_tokens": list(config.relevance_tokens) if config.model_type == "monot5" else None,
@@ -365,6 +381,7 @@ def _save(model: Any, tokenizer: Any, config: TrainConfig, base: str, stats: dic
         "pooling": "mean" if config.model_type == "bi-encoder" else None,
         "similarity": "cosine" if config.model_type == "bi-encoder" else None,
         "training": {k: stats[k] for k in ("examples", "steps", "learning_rate", "batch_size", "seed", "keep_initial", "final_loss")},
+        **formats,
     }
     (output_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 

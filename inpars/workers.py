@@ -358,10 +358,23 @@ def publish_worker(shard: Shard) -> None:
     from .publish import publish_dataset
 
     run, config = shard.run, shard.run.config
-    kept = run.read_rows("filter", 1)
+    n_negatives = shard.shards_of("negatives")
     summary = json.loads(run.read_file("filter", "summary.json"))
-    manifest = publish_dataset(kept, config.publish.destination, dataset=config.data.name, manifest=run.manifest, filter_stats=summary)
-    shard.commit(json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(kept)})
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
+        triples = Path(tmp) / "triples.tsv"
+        with open(triples, "wb") as f:  # the shards' TSVs end in a newline: concatenated, they are one file
+            for i in range(n_negatives):
+                f.write(run.read_file("negatives", f"triples-{shard_name(i, n_negatives, 'tsv')}", i, n_negatives))
+        manifest = publish_dataset(
+            run.iter_rows("filter", 1),
+            config.publish.destination,
+            dataset=config.data.name,
+            manifest=run.manifest,
+            filter_stats=summary,
+            generated=run.iter_rows("generate", shard.shards_of("generate")),
+            triples_tsv=triples,
+        )
+    shard.commit(json.dumps(manifest, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": manifest.get("rows")})
 
 
 # --------------------------------------------------------------------------- running one shard

@@ -9,7 +9,7 @@ import pytest
 from inpars.bm25 import build_index
 from inpars.corpus import Document
 from inpars.errors import InputError
-from inpars.negatives import mine_negatives, write_triples_tsv
+from inpars.negatives import iter_triples_tsv, mine_negatives, tsv_field, write_triples_tsv
 
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
 
@@ -97,3 +97,54 @@ def test_write_triples_tsv(tmp_path):
     with pytest.raises(InputError, match="'gone'"):
         write_triples_tsv([dict(triples[0], neg_doc_ids=["gone"])], docs, tmp_path / "bad.tsv")
     assert not (tmp_path / "bad.tsv").exists()
+
+
+def load_triples_as_the_toolkit_does(path: Path, cache: Path) -> list[tuple[str, str, str]]:
+    """The toolkit's train.py: ``load_dataset("csv", data_files=..., sep="\\t", names=("query", "positive", "negative"))``."""
+    from datasets import load_dataset
+
+    ds = load_dataset("csv", data_files=str(path), sep="\t", names=("query", "positive", "negative"), cache_dir=str(cache))["train"]
+    return [(r["query"], r["positive"], r["negative"]) for r in ds]
+
+
+def test_triples_tsv_reads_back_exactly_with_the_toolkits_csv_loader(tmp_path, caplog):
+    texts = [
+        '"A query in quotes" and after',
+        'an unclosed " quote',
+        '"',
+        "tab\tinside and a\nnewline\r\nand CRLF",
+        "commas, 'single quotes'; #hash \\back\\slash",
+        "é ü 中文 \u2028 separator",
+        '""double"" doubled',
+        "1.5",
+    ]
+    docs = {f"d{i}": Document(f"d{i}", f'T"{i}', t) for i, t in enumerate(texts)}
+    triples = [
+        {"query_id": f"q{i}", "query": t, "pos_doc_id": f"d{i}", "neg_doc_ids": [f"d{(i + 1) % len(texts)}", f"d{(i + 2) % len(texts)}"]}
+        for i, t in enumerate(texts)
+    ]
+    path = tmp_path / "triples.tsv"
+    assert write_triples_tsv(triples, docs, path) == 2 * len(texts)
+    expected = [
+        (tsv_field(t["query"]), tsv_field(docs[t["pos_doc_id"]].contents), tsv_field(docs[n].contents))
+        for t in triples
+        for n in t["neg_doc_ids"]
+    ]
+    assert load_triples_as_the_toolkit_does(path, tmp_path / "cache") == expected
+    assert [fields for _, fields in iter_triples_tsv(path)] == expected
+    assert len(path.read_text(encoding="utf-8").split("\n")) == len(expected) + 1  # one triple, one line
+    assert path.read_text(encoding="utf-8").startswith('"""A query in quotes"" and after"\t')  # CSV-quoted
+
+    # A text a CSV loader reads as null (pandas' NA strings) is left out, with a warning: what is written reads back.
+    docs["na"] = Document("na", "", "N/A")
+    with caplog.at_level("WARNING", logger="inpars.negatives"):
+        n = write_triples_tsv([dict(triples[0], neg_doc_ids=["na", "d2"]), {**triples[1], "query": "null"}], docs, tmp_path / "na.tsv")
+    assert n == 1 and "left out 3 triples" in caplog.text and "'q0'" in caplog.text
+    assert load_triples_as_the_toolkit_does(tmp_path / "na.tsv", tmp_path / "cache2") == [expected[1]]
+
+
+def test_iter_triples_tsv_names_a_bad_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("q\tp\tn\nonly\ttwo\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.tsv:2: expected 3 tab-separated fields"):
+        list(iter_triples_tsv(path))

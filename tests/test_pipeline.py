@@ -81,6 +81,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert str(ws / "runs" / "e2e") in res.stdout
     published = sorted(p.name for p in pub.iterdir())
     assert f"scifact_synthetic_queries_{len(kept)}.jsonl" in published and "manifest.json" in published
+    # ... and the released InPars-v2 layout: every generated query, the kept ones, the training triples
+    assert sorted(p.name for p in (pub / "scifact").iterdir()) == ["queries.jsonl", "queries_filtered_v2.jsonl", "triples_train_v2.tsv"]
+    pub_manifest = json.loads((pub / "manifest.json").read_text())
+    assert pub_manifest["counts"]["generated"] == 12 and pub_manifest["counts"]["filtered"] == len(kept)
+    n_triples = sum(len(t["neg_doc_ids"]) for t in run.read_rows("negatives", 1))
+    assert pub_manifest["files"]["scifact/triples_train_v2.tsv"]["rows"] == n_triples > 0
     # The model folder is a standard HF folder the `inpars rerank` command can load again.
     assert (ws / "runs" / "e2e" / "train" / "model" / "config.json").exists()
     # status reads the workspace alone

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from inpars.config import PipelineConfig
+from inpars.corpus import Document
 from inpars.errors import InParsError
+from inpars.negatives import write_triples_tsv
 from inpars.publish import PUBLISHED_FIELDS, dataset_jsonl, publish_dataset
 from inpars.storage import open_storage
 
@@ -66,9 +68,11 @@ def test_publish_and_idempotent_rerun(destination):
         on_file=lambda name, status: statuses.append((name, status)),
     )
     name = "scifact_synthetic_queries_12.jsonl"
-    assert statuses == [(name, "created"), ("README.md", "created"), ("manifest.json", "created")]
+    v2 = "scifact/queries_filtered_v2.jsonl"  # the released InPars-v2 layout, beside our own file name
+    assert statuses == [(name, "created"), (v2, "created"), ("README.md", "created"), ("manifest.json", "created")]
     store = open_storage(destination)
-    assert sorted(store.list("")) == ["README.md", "manifest.json", name]
+    assert sorted(store.list("")) == ["README.md", "manifest.json", v2, name]
+    assert store.read_bytes(v2) == store.read_bytes(name)
     # the manifest: checksums and sizes of what is really stored
     assert json.loads(store.read_bytes("manifest.json")) == m
     for fname, info in m["files"].items():
@@ -107,7 +111,7 @@ def test_publish_and_idempotent_rerun(destination):
         filter_stats=FILTER,
         on_file=lambda name, status: statuses.append((name, status)),
     )
-    assert again == m and [s for _, s in statuses] == ["skipped"] * 3
+    assert again == m and [s for _, s in statuses] == ["skipped"] * 4
 
 
 def test_conflicting_content_is_refused(destination):
@@ -131,3 +135,117 @@ def test_deterministic_bytes_and_bad_input(tmp_path):
     rows = [{"query": "what is x", "doc_id": "d1"}]
     m = publish_dataset(rows, str(tmp_path / "noscore"), dataset="x", manifest={})
     assert "score" not in m["statistics"] and m["statistics"]["query_tokens"]["max"] == 3
+
+
+def generated_rows(n: int = 20) -> list[dict]:
+    """What the generate stage writes: the kept rows' fields without a score, plus some empty queries."""
+    rows = []
+    for i in range(n):
+        row = {k: v for k, v in make_rows(n)[i].items() if k != "score"}
+        row.update(prompt="inpars", seed=0, usage={"prompt_tokens": 10, "completion_tokens": 3})
+        if i % 7 == 6:
+            row["query"] = ""  # the model wrote nothing: published with the rest of the generated rows
+        rows.append(row)
+    return rows
+
+
+def triples_file(path, rows) -> int:
+    docs = {r["doc_id"]: Document(r["doc_id"], "", r["doc_text"]) for r in rows}
+    docs["neg"] = Document("neg", "", 'A "quoted" negative\twith a tab')
+    triples = [{"query_id": r["query_id"], "query": r["query"], "pos_doc_id": r["doc_id"], "neg_doc_ids": ["neg", "d0"]} for r in rows]
+    return write_triples_tsv(triples, docs, path)
+
+
+def test_released_inpars_v2_layout_loads_with_hugging_face_datasets(tmp_path):
+    """Per dataset: all generated queries, the filtered queries and the triples, under the released names;
+    each loads with `datasets` as the released files do; manifest.json has size and sha256 of every file."""
+    from datasets import load_dataset
+
+    kept, generated = make_rows(), generated_rows()
+    n_triples = triples_file(tmp_path / "triples.tsv", kept)
+    dest = tmp_path / "pub"
+    statuses = []
+    m = publish_dataset(
+        iter(kept),  # streams: each is read once
+        str(dest),
+        dataset="scifact",
+        manifest=RUN_MANIFEST,
+        filter_stats=FILTER,
+        generated=iter(generated),
+        triples_tsv=tmp_path / "triples.tsv",
+        on_file=lambda name, status: statuses.append(name),
+    )
+    layout = ["scifact/queries.jsonl", "scifact/queries_filtered_v2.jsonl", "scifact/triples_train_v2.tsv"]
+    assert statuses == ["scifact_synthetic_queries_12.jsonl", *layout, "README.md", "manifest.json"]
+    store = open_storage(str(dest))
+    assert sorted(store.list("")) == sorted(statuses)
+    assert set(m["files"]) == set(statuses) - {"manifest.json"}
+    for name, info in m["files"].items():
+        data = store.read_bytes(name)
+        assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"] == len(data), name
+    assert [m["files"][name]["rows"] for name in layout] == [20, 12, n_triples] and n_triples == 24
+    assert m["counts"] == {"generated": 20, "filtered": 12, "triples": 24}
+    assert (dest / "scifact" / "triples_train_v2.tsv").read_bytes() == (tmp_path / "triples.tsv").read_bytes()
+
+    cache = str(tmp_path / "hf-cache")
+    gen = load_dataset("json", data_files=str(dest / layout[0]), cache_dir=cache)["train"]
+    assert gen.num_rows == 20 and list(gen.column_names[: len(PUBLISHED_FIELDS)]) == list(PUBLISHED_FIELDS)
+    assert gen[6]["query"] == "" and gen[3]["doc_text"] == generated[3]["doc_text"] and gen[0]["usage"]["prompt_tokens"] == 10
+    filtered = load_dataset("json", data_files=str(dest / layout[1]), cache_dir=cache)["train"]
+    assert filtered["query_id"] == [r["query_id"] for r in kept] and filtered["score"] == pytest.approx([r["score"] for r in kept])
+    assert filtered[0]["fewshot_examples"] == [{"query_id": None, "query": "example?", "doc_id": None}]
+    triples = load_dataset("csv", data_files=str(dest / layout[2]), sep="\t", names=("query", "positive", "negative"), cache_dir=cache)[
+        "train"
+    ]
+    assert triples.num_rows == 24 and triples[0] == {
+        "query": kept[0]["query"],
+        "positive": kept[0]["doc_text"],
+        "negative": 'A "quoted" negative with a tab',
+    }
+
+    card = store.read_bytes("README.md").decode()
+    for needle in (
+        "`scifact/queries.jsonl`",
+        "`scifact/triples_train_v2.tsv`",
+        "generated queries: 20",
+        "training triples: 24",
+        'load_dataset("csv"',
+    ):
+        assert needle in card, needle
+    # rerun: byte-identical, nothing written
+    again = publish_dataset(
+        kept,
+        str(dest),
+        dataset="scifact",
+        manifest=RUN_MANIFEST,
+        filter_stats=FILTER,
+        generated=generated,
+        triples_tsv=tmp_path / "triples.tsv",
+    )
+    assert again == m
+    # a different triples file is refused before anything is written
+    triples_file(tmp_path / "other.tsv", kept[:5])
+    with pytest.raises(InParsError, match="triples_train_v2.tsv already exists with different content"):
+        publish_dataset(
+            kept,
+            str(dest),
+            dataset="scifact",
+            manifest=RUN_MANIFEST,
+            filter_stats=FILTER,
+            generated=generated,
+            triples_tsv=tmp_path / "other.tsv",
+        )
+
+
+def test_outside_a_run_the_card_names_model_prompt_and_seed_from_the_rows(tmp_path):
+    kept = [dict(r, prompt="inpars", seed=3) for r in make_rows()]
+    m = publish_dataset(kept, str(tmp_path / "pub"), dataset="x", manifest={})
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert "- model: `smollm2-135m`" in card and "- prompt: `inpars`" in card and "- seed: `3`" in card
+    assert "unknown" not in card
+    assert m["model"] == {"generate": "smollm2-135m"} and m["prompt"] == {"name": "inpars"} and m["seed"] == 3
+    # rows that disagree are all named; rows that do not say stay unknown
+    mixed = [dict(r, model="other-model" if i % 2 else r["model"]) for i, r in enumerate(make_rows())]
+    publish_dataset(mixed, str(tmp_path / "mixed"), dataset="x", manifest={})
+    card = (tmp_path / "mixed" / "README.md").read_text()
+    assert "- model: `other-model`, `smollm2-135m` (mixed)" in card and "- prompt: unknown" in card
