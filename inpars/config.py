@@ -99,6 +99,9 @@ class TrainConfig:
     # Share of the starting weights averaged back into the trained ones at the end (WiSE-FT): weak
     # synthetic queries can pull a good pretrained model off course; 0 = plain fine-tuning.
     keep_initial: float = 0.0
+    # Steps between training checkpoints (weights, optimizer, data order, RNG), so a preempted or
+    # killed training resumes instead of starting over; a SIGTERM also saves one.
+    checkpoint_every: int = 50
 
 
 @dataclass

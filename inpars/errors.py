@@ -3,11 +3,19 @@
 A *permanent* error (bad input, bad config, an unknown prompt) will fail again on retry, so a
 worker exits with :data:`EXIT_PERMANENT`; the local launcher and the Kubernetes ``podFailurePolicy``
 both treat that code as "fail this shard, do not retry". Any other non-zero exit is transient.
+
+:data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` in sysexits.h: "temporary failure, retry") means the
+worker was asked to stop (SIGTERM: a Spot/TPU preemption, a node drain, a cancelled launcher), saved
+its progress and left cleanly; a retry resumes from that checkpoint. It is not 143 (128 + SIGTERM)
+on purpose: 143 is what a worker killed *before* it could save reports too, and logs should tell the
+two apart. Both are retried; on Kubernetes the ``DisruptionTarget`` rule keeps a preemption from
+counting against the shard's retries.
 """
 
 from __future__ import annotations
 
 EXIT_PERMANENT = 42
+EXIT_PREEMPTED = 75
 
 
 class InParsError(Exception):
@@ -29,3 +37,7 @@ class ConfigError(InParsError):
 
 class TransientError(Exception):
     """A failure that a retry may fix (network, preemption, a busy server)."""
+
+
+class Preempted(TransientError):
+    """The worker was asked to stop (SIGTERM) and stopped cleanly after saving its progress."""
