@@ -191,9 +191,14 @@ def train_worker(run: Run, index: int, count: int) -> None:
     if not train_rows:
         raise InputError("no training triples: the filter kept no queries (see filter/summary.json)")
     docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
+    from .checkpoints import LocalCheckpointer
+
+    # Resumable training (SIGTERM saves too). A local folder: inside the run on a local workspace;
+    # on gs:// it must become workspace-backed (create-only objects) to survive a pod on another node.
+    checkpointer = LocalCheckpointer(run.local_dir("train", "_checkpoints"))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        stats = train_model(train_rows, docs, config.train, model_dir, on_progress=_progress("train", None))
+        stats = train_model(train_rows, docs, config.train, model_dir, on_progress=_progress("train", None), checkpointer=checkpointer)
         fusion = {"weight": None, "reason": "no held-out synthetic queries"}
         if held_out and config.rerank.fusion:
             # The fusion weight is chosen on held-out *synthetic* queries (their source document is
@@ -210,6 +215,7 @@ def train_worker(run: Run, index: int, count: int) -> None:
     run.put_file("train", "fusion.json", json.dumps(fusion, indent=2).encode())
     stats = {**stats, "n_train_queries": len(train_rows), "n_held_out": len(held_out), "fusion": fusion}
     run.commit_shard("train", 0, 1, json.dumps(stats, indent=2, sort_keys=True).encode(), ext="json", stats={"rows": len(train_rows)})
+    checkpointer.clear()
 
 
 def rerank_worker(run: Run, index: int, count: int) -> None:

@@ -228,8 +228,9 @@ class _Objective:
 
     def _bi_encoder(self, batch: Sequence[tuple[str, str, list[str]]], dummy: bool) -> torch.Tensor:
         doc_ids = [did for _, pos, negs in batch for did in [pos, *negs]]
-        q = self._embed([query for query, _, _ in batch])
-        d = self._embed([self.docs[did].contents for did in doc_ids])
+        # Queries and documents in one forward: DDP expects one forward per backward.
+        both = self._embed([query for query, _, _ in batch] + [self.docs[did].contents for did in doc_ids])
+        q, d = both[: len(batch)], both[len(batch) :]
         if dummy:
             # Nothing of this rank's enters the other ranks' in-batch negatives.
             zero = (q.sum() + d.sum()) * 0.0
