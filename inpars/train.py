@@ -431,7 +431,10 @@ def _train_process(job: _TrainJob, on_progress: Callable[[int, int, float], None
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A bi-encoder reads last_hidden_state: a checkpoint's pooler gets no gradient, and DDP must know.
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=config.model_type == "bi-encoder"
+        )
     shard = batch_sharder(plan) if device.type == "xla" else None
     objective = _Objective(
         config.model_type, config.loss, trained, tokenizer, job.docs, config.max_length, device, config.relevance_tokens, world, shard

@@ -219,8 +219,8 @@ def test_sigterm_outside_a_stoppable_section_ends_the_process_at_once():
 @pytest.mark.parametrize("model_type", ["cross-encoder", "bi-encoder"])
 def test_two_ddp_processes_train_the_weights_of_one(sample, tmp_path, model_type):  # noqa: F811
     """The same global batches split over 2 CPU processes (gloo): DDP's averaged gradients equal the
-    one-process gradient, including the uneven last batch of an epoch (7 groups, batch 3: 2+1+... and
-    a rank with nothing) and the bi-encoder's in-batch negatives gathered across ranks."""
+    one-process gradient, for uneven splits too (7 groups in batches of 3: shares of 1 and 2, and of
+    0 and 1 at the end of an epoch) and for the bi-encoder's in-batch negatives gathered across ranks."""
     docs = sample[0]
     rows = make_groups(sample, 7, n_neg=2)
     base = tiny_bert(tmp_path / "bert")
@@ -228,13 +228,22 @@ def test_two_ddp_processes_train_the_weights_of_one(sample, tmp_path, model_type
     one = train_model(rows, docs, cfg, tmp_path / "one")
     two = train_model(rows, docs, cfg, tmp_path / "two", processes=2)
     assert two["device"] == "cpu x2 (ddp)" and one["device"] == "cpu"
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     start = weights(Path(base))
-    moved = max((a[k] - start[k]).abs().max().item() for k in start if k in a)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    # Float sums in another order, nothing more: far below how far training moved the weights.
-    assert diff < 1e-5 < moved, (diff, moved)
-    assert one["loss_curve"]["window_means"] == pytest.approx(two["loss_curve"]["window_means"], abs=1e-5)
+    one_w, two_w = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # A control that differs for real (a 10% lower learning rate) to size the tolerance against.
+    train_model(rows, docs, TrainConfig(**{**cfg.__dict__, "learning_rate": 9e-4}), tmp_path / "control")
+    control = weights(tmp_path / "control")
+
+    def relative_distance(x: dict, y: dict) -> float:
+        """||x - y|| / ||x - start|| over every weight: how far apart, relative to how far training went."""
+        num = sum(((x[k] - y[k]) ** 2).sum().item() for k in x)
+        den = sum(((x[k] - start[k.removeprefix("bert.")]) ** 2).sum().item() for k in x if k.removeprefix("bert.") in start)
+        return (num / den) ** 0.5
+
+    # Float sums in another order (amplified by Adam where a gradient is almost 0), nothing more:
+    # measured ~1e-3 for both families, against ~1e-1 for the control.
+    assert relative_distance(one_w, two_w) < 1e-2 < relative_distance(one_w, control)
+    assert one["loss_curve"]["window_means"] == pytest.approx(two["loss_curve"]["window_means"], abs=1e-4)
 
 
 def test_a_stop_request_reaches_every_ddp_process_and_the_run_resumes(sample, tmp_path):  # noqa: F811
