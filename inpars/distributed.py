@@ -132,10 +132,10 @@ def gather_rows(x: torch.Tensor, world: World) -> tuple[torch.Tensor, int]:
 
     count = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(count) for _ in range(world.size)]
-    dist.all_gather(counts, count)
+    dist.all_gather(counts, count, group=_gather_group)
     sizes = [int(c.item()) for c in counts]
     padded = torch.nn.functional.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    parts = dist_fn.all_gather(padded)
+    parts = dist_fn.all_gather(padded, group=_gather_group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: world.rank])
 
 
@@ -146,7 +146,7 @@ def gather_objects(obj: Any, world: World) -> list:
     import torch.distributed as dist
 
     out: list = [None] * world.size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_gather_group)
     return out
 
 
@@ -195,15 +195,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_gather_group = None  # a second group for gathers inside the forward/backward (see init_process_group)
+
+
 def init_process_group(backend: str) -> World:
-    """Join the process group torchrun (or :func:`run_training`) described in the environment."""
+    """Join the process group torchrun (or :func:`run_training`) described in the environment.
+
+    Gathers made inside the model's forward (the bi-encoder's in-batch negatives) and their
+    backward run on a group of their own: DDP's gradient all-reduces start whenever a bucket is
+    ready, so on one shared group the two kinds of collectives could interleave differently on two
+    ranks and deadlock. Each group on its own sees the same sequence on every rank.
+    """
     import torch.distributed as dist
 
+    global _gather_group
     rank, size, local_rank = world_from_env() or (0, 1, 0)
     if size > 1 and not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=size)
+        _gather_group = dist.new_group(backend=backend)
     return World(rank, size)
 
 

@@ -232,11 +232,11 @@ class _Objective:
         both = self._embed([query for query, _, _ in batch] + [self.docs[did].contents for did in doc_ids])
         q, d = both[: len(batch)], both[len(batch) :]
         if dummy:
-            # Nothing of this rank's enters the other ranks' in-batch negatives.
-            zero = (q.sum() + d.sum()) * 0.0
-            gather_rows(d[:0], self.world)
+            # Nothing of this rank's enters the other ranks' in-batch negatives, but the gather is in
+            # the graph: its backward is a collective the other ranks wait for.
+            d_none, _ = gather_rows(d[:0], self.world)
             gather_objects([], self.world)
-            return zero
+            return (q.sum() + d.sum() + d_none.sum()) * 0.0
         # Every rank's documents are negatives for every query (as in one process over the global batch).
         d_all, offset = gather_rows(d, self.world)
         all_ids = [did for ids in gather_objects(doc_ids, self.world) for did in ids]
