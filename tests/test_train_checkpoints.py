@@ -165,6 +165,7 @@ def test_a_checkpoint_of_another_training_is_not_resumed(sample, tmp_path):  # n
 # ----------------------------------------------------------------------------- SIGTERM to a real training process
 
 
+@pytest.mark.slow  # two training processes of 100 steps and an in-process twin
 def test_sigterm_to_a_training_process_checkpoints_and_a_rerun_resumes(sample, tmp_path):  # noqa: F811
     docs = sample[0]
     rows = make_groups(sample, 6, n_neg=1)
@@ -246,6 +247,7 @@ def test_two_ddp_processes_train_the_weights_of_one(sample, tmp_path, model_type
     assert one["loss_curve"]["window_means"] == pytest.approx(two["loss_curve"]["window_means"], abs=1e-4)
 
 
+@pytest.mark.slow  # three 2-process trainings of 100 steps
 def test_a_stop_request_reaches_every_ddp_process_and_the_run_resumes(sample, tmp_path):  # noqa: F811
     """SIGTERM to the parent is forwarded; the ranks agree on one step, rank 0 saves, Preempted comes
     back to the caller; the resumed 2-process run ends where an uninterrupted 2-process run does."""
