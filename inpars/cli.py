@@ -1,7 +1,8 @@
 """``inpars``: each stage as a command over files, the workspace ``worker``, and ``report``.
 
 A thin shell: every command parses options, calls one library function and writes its result.
-Permanent errors (bad input, bad config) print one clear line and exit with ``EXIT_PERMANENT``.
+Permanent errors (bad input, bad config) print one clear line and exit with ``EXIT_PERMANENT``; a
+worker or a training stopped by SIGTERM after saving its progress exits with ``EXIT_TRANSIENT``.
 """
 
 from __future__ import annotations
@@ -189,8 +190,17 @@ def train(
     max_length: int = 256,
     seed: int = 0,
     relevance_tokens: str = typer.Option("true,false", help="monoT5 target tokens; FLAN style: yes,no"),
+    checkpoint_dir: Path | None = typer.Option(None, help="save training checkpoints here and resume from the newest one"),
+    checkpoint_every: int = typer.Option(50, help="steps between checkpoints (a SIGTERM also saves one)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tpu"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
 ):
-    """Fine-tune a reranker (or a bi-encoder) on the triples; save a standard HF model folder."""
+    """Fine-tune a reranker (or a bi-encoder) on the triples; save a standard HF model folder.
+
+    With --checkpoint-dir, a SIGTERM saves a checkpoint and exits with code 75; running the same
+    command again resumes, and ends with the same weights as an uninterrupted run."""
+    from . import preemption
+    from .checkpoints import LocalCheckpointer
     from .corpus import read_corpus, read_jsonl
     from .train import train_model
 
@@ -207,8 +217,16 @@ def train(
         max_length=max_length,
         seed=seed,
         relevance_tokens=(pos, neg),
+        checkpoint_every=checkpoint_every,
+        device=device,
+        dtype=dtype,
     )
-    stats = train_model(read_jsonl(triples), read_corpus(fetch(corpus)), cfg, output_dir)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        _setup_logging()
+        preemption.install()
+        checkpointer = LocalCheckpointer(checkpoint_dir)
+    stats = train_model(read_jsonl(triples), read_corpus(fetch(corpus)), cfg, output_dir, checkpointer=checkpointer)
     typer.echo(json.dumps(stats, indent=2, default=str))
 
 
@@ -308,9 +326,11 @@ def worker(
     shard_index: int | None = typer.Option(None, help="default: $JOB_COMPLETION_INDEX"),
 ):
     """Run one shard of a stage of a workspace run (what the executors and pods run)."""
+    from . import preemption
     from .workers import run_stage
 
     _setup_logging()
+    preemption.install()
     done = run_stage(run, stage, shard_index)
     typer.echo(f"{stage}: {'committed' if done else 'already committed'}", err=True)
 

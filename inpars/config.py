@@ -160,6 +160,9 @@ class TrainConfig(Section):
     # Share of the starting weights averaged back into the trained ones at the end (WiSE-FT): weak
     # synthetic queries can pull a good pretrained model off course; 0 = plain fine-tuning.
     keep_initial: Fraction = 0.0
+    # Steps between training checkpoints (weights, optimizer, data order, RNG), so a preempted or
+    # killed training resumes instead of starting over; a SIGTERM also saves one.
+    checkpoint_every: Count = 50
 
 
 class RerankConfig(Section):

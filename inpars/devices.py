@@ -8,6 +8,8 @@ explicitly on a CPU where it pays.)
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -22,21 +24,38 @@ DTYPES = {
 }
 
 
+def auto_device_name() -> str:
+    """What ``auto`` means in this process.
+
+    ``INPARS_DEVICE`` (``tpu``, ``cuda``, ``cpu``...) if set: the Kubernetes launcher renders it from
+    the stage's resources (``tpu`` with ``PJRT_DEVICE=TPU`` when ``resources.<stage>.tpu_type`` is
+    set), so a pod uses what it asked for, and a TPU pod whose runtime is broken fails loudly instead
+    of training on the host CPU. Else ``tpu`` when ``PJRT_DEVICE=TPU`` (torch_xla's own switch; the
+    TPU image sets it), else ``cuda`` when torch sees a GPU, else ``cpu``.
+    """
+    forced = os.environ.get("INPARS_DEVICE", "").strip().lower()
+    if forced and forced != "auto":
+        return forced
+    if os.environ.get("PJRT_DEVICE", "").strip().upper() == "TPU":
+        return "tpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda[:N]``, ``mps`` or ``tpu``/``xla``.
+    """``auto`` (see :func:`auto_device_name`), ``cpu``, ``cuda[:N]``, ``mps`` or ``tpu``/``xla``.
 
     TPU goes through torch_xla, imported only when asked for, so CPU and GPU installs never need it.
     """
     if isinstance(name, torch.device):
         return name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = auto_device_name()
     if name in ("tpu", "xla"):
         try:
-            import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+            import torch_xla  # type: ignore[import-not-found]
         except ImportError:
-            raise ConfigError("device 'tpu' needs torch_xla (pip install torch_xla[tpu])") from None
-        return xm.xla_device()
+            raise ConfigError("device 'tpu' needs torch_xla (pip install torch_xla[tpu]; the inpars:tpu image has it)") from None
+        return torch_xla.device()
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -58,3 +77,15 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if device.type == "xla":
         return torch.bfloat16
     return torch.float32
+
+
+def device_count(device: torch.device) -> int:
+    """How many devices of ``device``'s kind this process can use: every GPU the pod was given, every
+    TPU chip of the host (torch_xla's runtime view), else 1."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    if device.type == "xla":
+        import torch_xla.runtime as xr  # type: ignore[import-not-found]
+
+        return xr.global_runtime_device_count()
+    return 1

@@ -3,6 +3,13 @@
 A *permanent* error (bad input, bad config, an unknown prompt) will fail again on retry, so a
 worker exits with :data:`EXIT_PERMANENT`; the local launcher and the Kubernetes ``podFailurePolicy``
 both treat that code as "fail this shard, do not retry". Any other non-zero exit is transient.
+
+:data:`EXIT_TRANSIENT` (75, ``EX_TEMPFAIL`` in sysexits.h: "temporary failure, retry") is the exit of
+a transient failure (:class:`TransientError`); a :class:`Preempted` worker exits with it too: it was asked to stop (SIGTERM: a Spot/TPU preemption, a node drain, a cancelled launcher), saved
+its progress and left cleanly; a retry resumes from that checkpoint. It is not 143 (128 + SIGTERM)
+on purpose: 143 is what a worker killed *before* it could save reports too, and logs should tell the
+two apart. Both are retried; on Kubernetes the ``DisruptionTarget`` rule keeps a preemption from
+counting against the shard's retries.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ class TransientError(Exception):
     """A failure that a retry may fix (network, preemption, a busy server)."""
 
 
-# The launcher's own exit code when shards failed for reasons that may pass (retries exhausted on
-# a transient error): `inpars-launch resume` may succeed later. EX_TEMPFAIL in sysexits.h.
+# A transient failure (a worker's, or the launcher's when retries ran out): a retry or
+# `inpars-launch resume` may succeed later. EX_TEMPFAIL in sysexits.h.
 EXIT_TRANSIENT = 75
 
 
@@ -63,3 +70,7 @@ def cli_errors(fn):
             raise SystemExit(exit_code(e)) from None
 
     return wrapper
+
+
+class Preempted(TransientError):
+    """The worker was asked to stop (SIGTERM) and stopped cleanly after saving its progress."""

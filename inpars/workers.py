@@ -245,6 +245,7 @@ TIMING_STATS = ("seconds", "steps_per_second")
 
 
 def train_worker(shard: Shard) -> None:
+    from .checkpoints import StorageCheckpointer
     from .rerank import fusion_weight_on_held_out, load_reranker
     from .train import split_held_out, train_model
 
@@ -254,13 +255,16 @@ def train_worker(shard: Shard) -> None:
     if not train_rows:
         raise InputError("no training triples: the filter kept no queries (see filter/summary.json)")
     docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
-    with tempfile.TemporaryDirectory() as tmp:
+    # Checkpoints in the workspace (SIGTERM saves one too): a training preempted or restarted on
+    # another node resumes from the newest complete one, to the same weights.
+    checkpointer = StorageCheckpointer(run.storage.uri("train/_checkpoints"), scratch_root() / "checkpoints" / run.run_id)
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
         model_dir = Path(tmp) / "model"
 
         def progress(step: int, total: int, loss: float) -> None:
             shard.progress(step, total, "steps")
 
-        stats = train_model(train_rows, docs, config.train, model_dir, on_progress=progress)
+        stats = train_model(train_rows, docs, config.train, model_dir, on_progress=progress, checkpointer=checkpointer)
         shard.attempt["timing"] = {k: stats.pop(k) for k in TIMING_STATS if k in stats}
         fusion = {"weight": None, "reason": "no held-out synthetic queries"}
         if held_out and config.rerank.fusion:
@@ -272,6 +276,7 @@ def train_worker(shard: Shard) -> None:
         files["held_out.jsonl"] = dumps_rows(held_out)
         files["fusion.json"] = json.dumps(fusion, indent=2).encode()
         shard.commit(json.dumps(stats, indent=2, sort_keys=True).encode(), ext="json", files=files, stats={"rows": len(train_rows)})
+    checkpointer.clear()
 
 
 def rerank_worker(shard: Shard) -> None:

@@ -918,7 +918,12 @@ def checkpointed_map(
     that were cut with another ``chunk_size`` (or over other items) are discarded and redone.
     ``on_progress(items_done, items_total)`` is called after the restored chunks and after each chunk.
     Returns all rows in order.
+
+    A stop request (SIGTERM, see :mod:`inpars.preemption`) is honoured after the chunk in progress is
+    saved: :class:`~inpars.errors.Preempted` is raised unless that was the last chunk.
     """
+    from . import preemption
+
     if chunk_size < 1:
         raise InParsError(f"chunk_size must be >= 1, got {chunk_size}")
     total = len(items)
@@ -937,10 +942,13 @@ def checkpointed_map(
         done = k + 1
     if on_progress:
         on_progress(min(done * chunk_size, total), total)
-    for k in range(done, n_chunks):
-        start, stop = k * chunk_size, min((k + 1) * chunk_size, total)
-        rows = fn(items[start:stop])
-        out.extend(checkpoint.save(k, rows, start=start, items=stop - start))
-        if on_progress:
-            on_progress(stop, total)
+    with preemption.stoppable():
+        for k in range(done, n_chunks):
+            start, stop = k * chunk_size, min((k + 1) * chunk_size, total)
+            rows = fn(items[start:stop])
+            out.extend(checkpoint.save(k, rows, start=start, items=stop - start))
+            if on_progress:
+                on_progress(stop, total)
+            if k + 1 < n_chunks:
+                preemption.check(f"{stop} of {total} items are checkpointed in {checkpoint.prefix}")
     return out

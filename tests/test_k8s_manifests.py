@@ -36,7 +36,7 @@ from inpars.launch.k8s_manifests import (  # noqa: E402
     validate_manifest,
 )
 from inpars.launch.kueue import QueueView, check_admission  # noqa: E402
-from inpars.launch.plan import SECRET_NAME, StageJob, launch_command, plan_pipeline  # noqa: E402
+from inpars.launch.plan import SECRET_NAME, StageJob, plan_pipeline  # noqa: E402
 from inpars.shards import (  # noqa: E402
     SHARD_COUNT_ENV,
     SHARD_INDEXES_ENV,
@@ -638,32 +638,21 @@ def test_validate_jobset_is_strict():
             validate_jobset(bad)
 
 
-def test_devices_and_the_multi_gpu_launch_command():
+def test_devices_and_the_multi_gpu_train_pod():
     cpu, gpu, tpu = render_all("default"), render_all("gpu"), render_all("tpu")
     assert {env_of(m)["INPARS_DEVICE"]["value"] for m in cpu} == {"cpu"}
     by_stage = {m["metadata"]["labels"]["inpars.io/stage"]: m for m in gpu}
     assert env_of(by_stage["train"])["INPARS_DEVICE"]["value"] == "cuda" and "PJRT_DEVICE" not in env_of(by_stage["train"])
     train_tpu = next(m for m in tpu if m["metadata"]["labels"]["inpars.io/stage"] == "train")
     assert env_of(train_tpu)["INPARS_DEVICE"]["value"] == "tpu" and env_of(train_tpu)["PJRT_DEVICE"]["value"] == "TPU"
-    # Several GPUs: the train pod runs the worker under torchrun, one process per GPU.
+    # Several GPUs: the train pod runs the plain worker, which starts one process per GPU itself (after
+    # it holds the shard's lease: torchrun would start N workers racing for it), see inpars.distributed.
     job = StageJob(
         "train", 1, ["inpars", "worker", "train", "--run", "gs://b/r"], resources=ResourcesConfig(gpu=4, gpu_type="nvidia-h100-80gb")
     )
-    assert launch_command(job) == [
-        "torchrun",
-        "--standalone",
-        "--nproc-per-node=4",
-        "--no-python",
-        "inpars",
-        "worker",
-        "train",
-        "--run",
-        "gs://b/r",
-    ]
     m = render_job(job, run_id="r", namespace="n", image="i:cpu")
-    assert container(m)["command"] == launch_command(job) and container(m)["resources"]["limits"]["nvidia.com/gpu"] == "4"
-    one = StageJob("train", 1, ["inpars", "worker", "train"], resources=ResourcesConfig(gpu=1))
-    assert launch_command(one) == ["inpars", "worker", "train"]
+    assert container(m)["command"] == ["inpars", "worker", "train", "--run", "gs://b/r"]
+    assert container(m)["resources"]["limits"]["nvidia.com/gpu"] == "4" and env_of(m)["INPARS_DEVICE"]["value"] == "cuda"
 
 
 def test_the_shipped_kueue_queue_covers_every_accelerator():

@@ -1,7 +1,7 @@
 """Kubernetes manifests for stage Jobs: names, rendering, and the rules a real API server enforces.
 
 One stage is one ``batch/v1`` Job with ``completionMode: Indexed``: pod *i* gets
-``JOB_COMPLETION_INDEX=i`` and runs the stage's :func:`~inpars.launch.plan.launch_command` (the same
+``JOB_COMPLETION_INDEX=i`` and runs the stage's command (the same
 ``inpars worker <stage> --run RUN`` the local executor runs). The environment contract (shard count,
 the resume mapping, the device) is :mod:`inpars.shards`'s.
 
@@ -47,7 +47,7 @@ from .accelerators import (
     check_gpus,
     tpu_slice,
 )
-from .plan import OPTIONAL_SECRETS, StageJob, launch_command
+from .plan import OPTIONAL_SECRETS, StageJob
 
 # Labels and annotations the launcher writes and selects on.
 NAME_LABEL = "app.kubernetes.io/name"
@@ -275,7 +275,7 @@ def _pod_resources(job: StageJob) -> tuple[dict[str, Any], dict[str, str], list[
     if r.gpu:
         check_gpus(int(r.gpu), r.gpu_type, where)
         if r.gpu > 1 and stage != "train":
-            # Only training spreads over several GPUs (torchrun, see launch_command); anything else
+            # Only training spreads over several GPUs (one process per GPU, see inpars.distributed); anything else
             # would hold idle GPUs. More shards with one GPU each is the way to scale the others.
             raise ConfigError(f"{where}: gpu={r.gpu}, but only train uses more than one GPU per pod; raise {stage}.shards with gpu: 1")
         limits[GPU_RESOURCE] = str(int(r.gpu))
@@ -342,7 +342,7 @@ def _job_manifest(
     container = {
         "name": CONTAINER,
         "image": image_for(image, job.resources),
-        "command": launch_command(job),
+        "command": list(job.command),
         "env": env,
         "resources": resources,
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),

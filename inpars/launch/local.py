@@ -33,7 +33,7 @@ from ..errors import EXIT_PERMANENT, InParsError
 from ..shards import COMPLETION_INDEX_ENV, HOST_COUNT_ENV, SHARD_INDEXES_ENV, worker_env
 from ..storage import cache_root, is_remote
 from .driver import StageFailed
-from .plan import OPTIONAL_SECRETS, StageJob, launch_command
+from .plan import OPTIONAL_SECRETS, StageJob
 
 if TYPE_CHECKING:
     from ..workspace import Run
@@ -302,7 +302,7 @@ def _start(job: StageJob, shard: int, attempt: int, extra_env: dict[str, str], l
     with open(path, "wb") as log:
         # Its own session, so a stop reaches the worker's children too (dataloaders, servers).
         proc = subprocess.Popen(
-            launch_command(job),
+            job.command,
             env=_env(job, extra_env, shard),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -84,16 +84,3 @@ def uses_hub(config: PipelineConfig, stage: str) -> bool:
     if stage == "generate" and config.generate.backend == "openai":
         models = [config.generate.tokenizer] if config.generate.tokenizer else []
     return any(m not in PACKAGED and not m.startswith(("/", ".", "gs://", "~")) for m in models)
-
-
-def launch_command(job: StageJob) -> list[str]:
-    """The argv that runs one shard of ``job``: its ``command``, under ``torchrun`` for a train stage
-    given several GPUs (one process per GPU; the worker trains with DDP).
-
-    Both executors start this: the Kubernetes renderer as the container command, the local executor
-    as the subprocess.
-    """
-    gpus = int(job.resources.gpu or 0)
-    if job.stage == "train" and gpus > 1:
-        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *job.command]
-    return list(job.command)
