@@ -65,7 +65,12 @@ def cli_errors(fn):
         except (InParsError, TransientError) as e:
             from .secrets import redact, secret_values
 
-            kind = "error" if isinstance(e, InParsError) else "transient error (retry or resume later)"
+            if isinstance(e, InParsError):
+                kind = "error"
+            elif isinstance(e, Preempted):
+                kind = "preempted"  # asked to stop (SIGTERM) after saving; a retry resumes
+            else:
+                kind = "transient error (retry or resume later)"
             print(f"{kind}: {redact(str(e), secret_values())}", file=sys.stderr, flush=True)
             raise SystemExit(exit_code(e)) from None
 
