@@ -92,7 +92,9 @@ def _first(obj: Mapping, fields: tuple[str, ...]) -> object | None:
 # --------------------------------------------------------------------------- corpus
 
 
-def _resolve_corpus_file(path: Path) -> Path:
+def resolve_corpus_file(path: str | os.PathLike) -> Path:
+    """The corpus file itself: ``path``, or the ``corpus.jsonl``/``.tsv``/``.csv`` of a BEIR folder."""
+    path = Path(path)
     if path.is_dir():
         for name in ("corpus.jsonl", "corpus.tsv", "corpus.csv"):
             if (path / name).exists():
@@ -115,19 +117,25 @@ def _make_document(doc_id: object, title: object, text: object, path: str, linen
 
 def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
     """Documents in file order from a BEIR folder, JSONL, TSV or CSV file."""
-    file = _resolve_corpus_file(Path(path))
+    for _, doc in iter_corpus_lines(path):
+        yield doc
+
+
+def iter_corpus_lines(path: str | os.PathLike) -> Iterator[tuple[int, Document]]:
+    """``(line number, Document)`` in file order (the line that errors and duplicate reports name)."""
+    file = resolve_corpus_file(path)
     name = str(file)
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
         for lineno, obj in iter_jsonl(file):
-            yield _make_document(_first(obj, ID_FIELDS), obj.get("title"), _first(obj, ("text", "contents", "body")), name, lineno)
+            yield lineno, _make_document(_first(obj, ID_FIELDS), obj.get("title"), _first(obj, ("text", "contents", "body")), name, lineno)
     elif suffix in (".tsv", ".csv"):
         yield from _iter_delimited(file, "\t" if suffix == ".tsv" else ",")
     else:
         raise InputError(f"unknown corpus format {suffix!r} (expected .jsonl, .tsv or .csv)", path=name)
 
 
-def _iter_delimited(file: Path, delimiter: str) -> Iterator[Document]:
+def _iter_delimited(file: Path, delimiter: str) -> Iterator[tuple[int, Document]]:
     name = str(file)
     with open(file, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
@@ -141,21 +149,24 @@ def _iter_delimited(file: Path, delimiter: str) -> Iterator[Document]:
                 continue
             if header:
                 row = dict(zip(header, cells))
-                yield _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno)
+                yield lineno, _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno)
             elif len(cells) == 2:
-                yield _make_document(cells[0], "", cells[1], name, lineno)
+                yield lineno, _make_document(cells[0], "", cells[1], name, lineno)
             elif len(cells) == 3:
-                yield _make_document(cells[0], cells[1], cells[2], name, lineno)
+                yield lineno, _make_document(cells[0], cells[1], cells[2], name, lineno)
             else:
                 raise InputError(f"expected 2 or 3 columns (id, [title,] text), got {len(cells)}", path=name, line=lineno)
 
 
 def read_corpus(path: str | os.PathLike) -> dict[str, Document]:
-    """All documents by id, in file order; a repeated id is an error."""
+    """All documents by id, in file order; a repeated id is an error naming both lines."""
     docs: dict[str, Document] = {}
-    for doc in iter_corpus(path):
+    for lineno, doc in iter_corpus_lines(path):
         if doc.doc_id in docs:
-            raise InputError(f"document id {doc.doc_id!r} appears twice", path=str(path))
+            # Only on this error path: find the first line again rather than keep a line per document.
+            first = next(n for n, d in iter_corpus_lines(path) if d.doc_id == doc.doc_id)
+            file = resolve_corpus_file(path)
+            raise InputError(f"document id {doc.doc_id!r} appears twice: {file}:{first} and {file}:{lineno}", path=str(file), line=lineno)
         docs[doc.doc_id] = doc
     return docs
 
