@@ -149,7 +149,10 @@ def _iter_delimited(file: Path, delimiter: str) -> Iterator[tuple[int, Document]
                 continue
             if header:
                 row = dict(zip(header, cells))
-                yield lineno, _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno)
+                yield (
+                    lineno,
+                    _make_document(_first(row, ID_FIELDS), row.get("title"), _first(row, ("text", "contents", "body")), name, lineno),
+                )
             elif len(cells) == 2:
                 yield lineno, _make_document(cells[0], "", cells[1], name, lineno)
             elif len(cells) == 3:

@@ -22,6 +22,7 @@ or per id is ever built unless asked for. See docs/DESIGN.md ("Document store") 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ INFO_FILE = "store.json"
 BATCH_ROWS = 4096  # rows per record batch: small enough that one batch is a cheap unit to decode
 BATCH_CHARS = 32 * 1024 * 1024  # a batch is cut early past this many characters (Arrow strings: < 2 GiB per batch)
 COLUMNS = ("doc_id", "title", "text")
+SCALAR_ROWS = 16  # up to this many rows are read cell by cell rather than with Arrow's take
 
 
 # --------------------------------------------------------------------------- hashing and id lookup
@@ -93,6 +95,18 @@ class HashIndex:
             np.load(folder / f"{name}.row.npy", mmap_mode="r"),
             value_at,
         )
+
+    def lookup_one(self, string: str) -> int:
+        """The position of one string, or -1 (no numpy temporaries: the path of ``docs[doc_id]``)."""
+        n = len(self.hashes)
+        h = self.hash_fn([string])[0]
+        i = int(np.searchsorted(self.hashes, h, "left"))
+        while i < n and self.hashes[i] == h:
+            p = int(self.positions[i])
+            if self.value_at([p])[0] == string:
+                return p
+            i += 1
+        return -1
 
     def lookup(self, strings: Sequence[str]) -> np.ndarray:
         """The position of each string (int64 array; -1 where it is not stored)."""
@@ -164,6 +178,8 @@ class MappedTable:
         self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]  # zero-copy views
         self._stops = np.cumsum([b.num_rows for b in self._batches], dtype=np.int64)
         self._starts = self._stops - np.array([b.num_rows for b in self._batches], dtype=np.int64)
+        self._stop_list = self._stops.tolist()  # for bisect on single rows
+        self._columns: dict[tuple[int, str], object] = {}
         self.num_rows = int(self._stops[-1]) if len(self._stops) else 0
 
     def close(self) -> None:
@@ -177,20 +193,26 @@ class MappedTable:
 
     def value(self, row: int, column: str):
         """One cell."""
-        self._check(np.asarray([row]))
-        b = int(np.searchsorted(self._stops, row, "right"))
-        return self._batches[b].column(column)[row - int(self._starts[b])].as_py()
+        row = int(row)
+        if not 0 <= row < self.num_rows:
+            raise IndexError(f"row {row} is out of range (the table has {self.num_rows} rows)")
+        b = bisect.bisect_right(self._stop_list, row)
+        array = self._columns.get((b, column))
+        if array is None:
+            array = self._columns[(b, column)] = self._batches[b].column(column)
+        return array[row - (self._stop_list[b - 1] if b else 0)].as_py()
 
     def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> dict[str, list]:
         """``{column: [value of each row]}`` in the order of ``rows`` (repeats allowed)."""
         import pyarrow as pa
 
+        if len(rows) <= SCALAR_ROWS:  # a few rows (a lookup by id): cell by cell is faster than a take
+            rows = [int(r) for r in rows]
+            return {c: [self.value(r, c) for r in rows] for c in columns}
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check(rows)
-        out: dict[str, list] = {c: [None] * rows.size for c in columns}
-        if rows.size == 0:
-            return out
         batch_of = np.searchsorted(self._stops, rows, "right")
+        out: dict[str, list] = {c: [None] * rows.size for c in columns}
         order = np.argsort(batch_of, kind="stable")
         bounds = np.nonzero(np.diff(batch_of[order]))[0] + 1
         for group in np.split(order, bounds):
@@ -331,8 +353,10 @@ def write_store(
             def ids_at(rows: np.ndarray) -> list[str]:
                 return table.take(rows, ["doc_id"])["doc_id"]
 
-            sorted_hashes, positions = HashIndex.sort(np.concatenate(hashes))
-            del hashes
+            all_hashes = np.concatenate(hashes)
+            hashes.clear()
+            sorted_hashes, positions = HashIndex.sort(all_hashes)
+            del all_hashes
             duplicate = find_duplicate(sorted_hashes, positions, ids_at)
             if duplicate is not None:
                 first, again = duplicate
@@ -458,7 +482,7 @@ class DocumentStore(Mapping[str, Document]):
             yield from batch["doc_id"]
 
     def __contains__(self, doc_id: object) -> bool:
-        return isinstance(doc_id, str) and int(self._ids.lookup([doc_id])[0]) >= 0
+        return isinstance(doc_id, str) and self._ids.lookup_one(doc_id) >= 0
 
     def __getitem__(self, doc_id: str) -> Document:
         return self.document(self.row_of(doc_id))
@@ -472,7 +496,7 @@ class DocumentStore(Mapping[str, Document]):
     # by id
     def row_of(self, doc_id: str) -> int:
         """The row of ``doc_id``; ``KeyError`` naming the id if the corpus has no such document."""
-        row = int(self._ids.lookup([doc_id])[0]) if isinstance(doc_id, str) else -1
+        row = self._ids.lookup_one(doc_id) if isinstance(doc_id, str) else -1
         if row < 0:
             raise KeyError(doc_id)
         return row

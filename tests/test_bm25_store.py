@@ -53,7 +53,10 @@ def test_scores_are_bm25s_own_bit_for_bit(corpus, queries):
     docs = list(corpus.values())
     ours = BM25sIndex(n_threads=0).build(docs)
     ref = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
-    ref.index(bm25s.tokenize([d.contents for d in docs], stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False), show_progress=False)
+    ref.index(
+        bm25s.tokenize([d.contents for d in docs], stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False),
+        show_progress=False,
+    )
     texts = [q for q in queries.values()]
     tokens = ours.tokenize(texts)
     compared = 0
@@ -92,7 +95,9 @@ def test_loaded_index_is_memory_mapped_and_readable_by_bm25s(saved, store, queri
     ref = bm25s.BM25.load(str(saved), mmap=True)  # the folder is a bm25s index too
     texts = list(queries.values())[:30]
     tokens = loaded.tokenize(texts)
-    want = ref.retrieve([[ref.vocab_dict[t] for t in q if t in ref.vocab_dict] or [ref.vocab_dict[""]] for q in tokens], k=10, show_progress=False)
+    want = ref.retrieve(
+        [[ref.vocab_dict[t] for t in q if t in ref.vocab_dict] or [ref.vocab_dict[""]] for q in tokens], k=10, show_progress=False
+    )
     rows, scores = loaded.retrieve(texts, 10)
     live = scores[:, 0] > 0
     assert np.array_equal(rows[live], want.documents[live]) and np.array_equal(scores[live], want.scores[live])

@@ -9,14 +9,13 @@ import random
 from pathlib import Path
 
 import pytest
+from filter_reference import old_filter_queries  # tests/: the filter before it streamed (the oracle)
 
 from inpars.bm25 import BM25Index
 from inpars.config import FilterConfig
 from inpars.corpus import Document
 from inpars.errors import ConfigError, InputError
 from inpars.filter import drop_counts, filter_queries, is_copied, normalize
-
-from filter_reference import old_filter_queries  # tests/: the filter before it streamed (the oracle)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-sample"
 

@@ -357,7 +357,9 @@ class BM25sIndex(BM25Index):
         directory = Path(directory)
         meta = read_index_meta(directory)
         if meta.get("format") != FORMAT:
-            raise InputError(f"saved bm25s index has format {meta.get('format')!r}, this version reads {FORMAT}: rebuild it", path=str(directory))
+            raise InputError(
+                f"saved bm25s index has format {meta.get('format')!r}, this version reads {FORMAT}: rebuild it", path=str(directory)
+            )
         index = cls(
             k1=meta["k1"], b=meta["b"], method=meta["method"], stopwords=meta["stopwords"], stemmer=meta["stemmer"], n_threads=n_threads
         )
@@ -365,7 +367,9 @@ class BM25sIndex(BM25Index):
         bound = meta.get("store")
         if bound is not None:
             if store is None:
-                raise ConfigError(f"the BM25 index at {directory} was built over a document store: load it with store=DocumentStore.open(...)")
+                raise ConfigError(
+                    f"the BM25 index at {directory} was built over a document store: load it with store=DocumentStore.open(...)"
+                )
             if store.info.sha256 != bound["sha256"] or len(store) != bound["documents"]:
                 raise InputError(
                     f"the BM25 index was built over store {bound['sha256'][:12]} ({bound['documents']} documents), "
