@@ -99,6 +99,7 @@ def prepare(corpus: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     info = write_store_from_corpus(corpus, out / "store")
     t_store = time.perf_counter() - t0
+    after_store = _memory()
     store = DocumentStore.open(out / "store")
     t0 = time.perf_counter()
     index = BM25sIndex(directory=out / "bm25").build(store)
@@ -110,6 +111,7 @@ def prepare(corpus: Path, out: Path) -> dict:
         "store_bytes": info.bytes,
         "index_bytes": index_bytes,
         "index_stats": index.stats,
+        "memory_after_store_mb": after_store,
         "memory_mb": _memory(),
     }
 

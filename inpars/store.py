@@ -10,7 +10,7 @@
     store.json        written last (a folder without it is not a store): counts, per-file bytes and
                       sha256, per-column character and token counts
 
-Reading maps the files into memory (``pa.memory_map``, ``np.load(mmap_mode="r")``): opening costs
+Reading maps the files into memory (:class:`MappedFile`, read-only ``mmap``): opening costs
 the same at 5 thousand or 15 million documents, row ``i`` is found by arithmetic on the batch
 lengths, and id ``x`` by a binary search over the sorted hashes whose hit is checked against the
 stored id (so a hash collision can never return the wrong document). No Python object per document
@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 from array import array
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
@@ -43,6 +44,51 @@ BATCH_ROWS = 4096  # rows per record batch: small enough that one batch is a che
 BATCH_CHARS = 32 * 1024 * 1024  # a batch is cut early past this many characters (Arrow strings: < 2 GiB per batch)
 COLUMNS = ("doc_id", "title", "text")
 SCALAR_ROWS = 16  # up to this many rows are read cell by cell rather than with Arrow's take
+
+
+# --------------------------------------------------------------------------- memory maps
+
+
+class MappedFile:
+    """A read-only memory map of a file whose pages can be handed back.
+
+    Linux counts a process's mapped file pages in its RSS although they are clean page cache, and
+    maps up to 64 KB around every page fault (fault-around): a worker that reads a few thousand
+    documents spread over a store, or a few hundred BM25 columns, would show an RSS close to the size
+    of the files. :meth:`release` drops this process's mappings (``madvise(MADV_DONTNEED)``); the
+    pages stay in the page cache, and the next read maps them again at the cost of a minor fault.
+    Readers release after every :data:`RELEASE_EVERY` reads, so RSS follows recent reads only.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, writable: bool = False):
+        self.path = Path(path)
+        with open(self.path, "r+b" if writable else "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+
+    def release(self) -> None:
+        """Drop this process's mappings of the file's pages (written pages stay dirty in the page cache
+        and are written back as usual)."""
+        if hasattr(mmap, "MADV_DONTNEED") and not self.map.closed:
+            self.map.madvise(mmap.MADV_DONTNEED)
+
+    def npy(self) -> np.ndarray:
+        """The file as the array of a ``.npy`` file, without copying it (writable if the map is)."""
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise InputError(f"unsupported .npy version {version}", path=str(self.path))
+            offset = f.tell()
+        if fortran or dtype.hasobject:
+            raise InputError("expected a C-ordered numeric .npy array", path=str(self.path))
+        count = int(np.prod(shape)) if shape else 1
+        return np.frombuffer(self.map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+RELEASE_EVERY = 64  # rows read or ids looked up between two releases of a store's mapped pages (each read maps 64 KB or more)
 
 
 # --------------------------------------------------------------------------- hashing and id lookup
@@ -90,11 +136,15 @@ class HashIndex:
 
     @classmethod
     def load(cls, folder: Path, name: str, value_at: Callable[[np.ndarray], list[str]]) -> HashIndex:
-        return cls(
-            np.load(folder / f"{name}.hash.npy", mmap_mode="r"),
-            np.load(folder / f"{name}.row.npy", mmap_mode="r"),
-            value_at,
-        )
+        """Open a saved index memory-mapped (:meth:`release` hands its pages back)."""
+        maps = [MappedFile(folder / f"{name}.hash.npy"), MappedFile(folder / f"{name}.row.npy")]
+        index = cls(maps[0].npy(), maps[1].npy(), value_at)
+        index.maps = maps
+        return index
+
+    def release(self) -> None:
+        for m in getattr(self, "maps", ()):
+            m.release()
 
     def lookup_one(self, string: str) -> int:
         """The position of one string, or -1 (no numpy temporaries: the path of ``docs[doc_id]``)."""
@@ -172,8 +222,8 @@ class MappedTable:
         import pyarrow as pa
 
         self.path = Path(path)
-        self._source = pa.memory_map(str(self.path), "r")
-        reader = pa.ipc.open_file(self._source)
+        self.file = MappedFile(path)
+        reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.file.map)))  # zero-copy over the map
         self.schema = reader.schema
         self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]  # zero-copy views
         self._stops = np.cumsum([b.num_rows for b in self._batches], dtype=np.int64)
@@ -184,7 +234,12 @@ class MappedTable:
 
     def close(self) -> None:
         self._batches = []
-        self._source.close()
+        self._columns = {}
+        self.schema = None  # the last references into the map: it can be closed once they are gone
+
+    def release(self) -> None:
+        """Hand back this process's mapped pages (see :class:`MappedFile`)."""
+        self.file.release()
 
     def _check(self, rows: np.ndarray) -> None:
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
@@ -237,7 +292,9 @@ class MappedTable:
             batch = self._batches[b]
             lo, hi = max(start - b_start, 0), min(stop - b_start, batch.num_rows)
             part = batch.slice(lo, hi - lo)
-            yield {c: part.column(c).to_pylist() for c in (columns or self.schema.names)}
+            values = {c: part.column(c).to_pylist() for c in (columns or self.schema.names)}
+            self.release()  # a scan maps each batch once: RSS stays at one batch
+            yield values
 
 
 # --------------------------------------------------------------------------- writing
@@ -444,7 +501,8 @@ class DocumentStore(Mapping[str, Document]):
 
     def __init__(self, folder: Path, info: StoreInfo, table: MappedTable):
         self.folder, self.info, self._table = folder, info, table
-        self._ids = HashIndex.load(folder, "ids", self.ids_at)
+        self._ids = HashIndex.load(folder, "ids", self._table_ids)
+        self._reads = 0
         if table.num_rows != info.documents or len(self._ids.hashes) != info.documents:
             raise InputError(
                 f"store holds {table.num_rows} documents and {len(self._ids.hashes)} ids, store.json says {info.documents}",
@@ -464,6 +522,21 @@ class DocumentStore(Mapping[str, Document]):
     def close(self) -> None:
         self._table.close()
 
+    def release(self) -> None:
+        """Hand back the pages of the store's files mapped so far (see :class:`MappedFile`); reads
+        do this on their own every :data:`RELEASE_EVERY` rows or lookups."""
+        self._table.release()
+        self._ids.release()
+        self._reads = 0
+
+    def _count(self, n: int) -> None:
+        self._reads += n
+        if self._reads >= RELEASE_EVERY:
+            self.release()
+
+    def _table_ids(self, rows) -> list[str]:
+        return self._table.take(rows, ["doc_id"])["doc_id"]
+
     def __enter__(self) -> DocumentStore:
         return self
 
@@ -482,7 +555,10 @@ class DocumentStore(Mapping[str, Document]):
             yield from batch["doc_id"]
 
     def __contains__(self, doc_id: object) -> bool:
-        return isinstance(doc_id, str) and self._ids.lookup_one(doc_id) >= 0
+        if not isinstance(doc_id, str):
+            return False
+        self._count(1)
+        return self._ids.lookup_one(doc_id) >= 0
 
     def __getitem__(self, doc_id: str) -> Document:
         return self.document(self.row_of(doc_id))
@@ -497,18 +573,23 @@ class DocumentStore(Mapping[str, Document]):
     def row_of(self, doc_id: str) -> int:
         """The row of ``doc_id``; ``KeyError`` naming the id if the corpus has no such document."""
         row = self._ids.lookup_one(doc_id) if isinstance(doc_id, str) else -1
+        self._count(1)
         if row < 0:
             raise KeyError(doc_id)
         return row
 
     def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
         """The row of each id (int64 array, -1 for unknown ids): one vectorised lookup."""
+        doc_ids = list(doc_ids)
+        self._count(len(doc_ids))
         return self._ids.lookup(doc_ids)
 
     # by row
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """The ids at ``rows`` (e.g. BM25 hits), in that order."""
-        return self._table.take(rows, ["doc_id"])["doc_id"]
+        ids = self._table_ids(rows)
+        self._count(len(ids))
+        return ids
 
     def ids(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The ids of rows ``[start, stop)``."""
@@ -521,6 +602,7 @@ class DocumentStore(Mapping[str, Document]):
     def take(self, rows: Sequence[int] | np.ndarray) -> list[Document]:
         """The documents at ``rows``, in that order."""
         cols = self._table.take(rows, COLUMNS)
+        self._count(len(cols["doc_id"]))
         return [Document(*values) for values in zip(cols["doc_id"], cols["title"], cols["text"])]
 
     def iter_documents(self, start: int = 0, stop: int | None = None) -> Iterator[Document]:
@@ -571,6 +653,7 @@ __all__ = [
     "DocumentStore",
     "DocumentsView",
     "HashIndex",
+    "MappedFile",
     "MappedTable",
     "StoreInfo",
     "file_sha256",

@@ -13,8 +13,8 @@ vocabulary. The scores are bm25s's own, bit for bit (same formulas, same floatin
 ``tests/test_bm25_store.py`` compares with ``bm25s.BM25.index``), and the folder is a bm25s index
 (``bm25s.BM25.load`` reads it).
 
-Searching maps the score matrix (``np.load(mmap_mode="r")``): a query touches only the columns of
-its terms. A query term finds its column through a hashed vocabulary (``vocab.arrow`` +
+Searching maps the score matrix (read-only ``mmap``): a query touches only the columns of its terms,
+and the pages are handed back every few queries (:class:`~inpars.store.MappedFile`). A query term finds its column through a hashed vocabulary (``vocab.arrow`` +
 ``vocab.hash.npy``/``vocab.row.npy``), and hits (rows) become document ids through the
 :class:`~inpars.store.DocumentStore` the index was built over, so no Python object per term or per
 document is built. An index built over a plain list of documents keeps their ids in a list
@@ -45,11 +45,13 @@ import numpy as np
 
 from ..corpus import Document
 from ..errors import ConfigError, InputError
-from ..store import DocumentStore, HashIndex, MappedTable, hash_strings
+from ..store import DocumentStore, HashIndex, MappedFile, MappedTable, hash_strings
 from .base import BM25Index, Run, check_documents, read_index_meta, write_index_meta
 
 FORMAT = "inpars-bm25s/2"
 CHUNK_DOCS = 8192  # documents tokenized at a time while building
+RELEASE_QUERIES = 8  # queries scored between two releases of the score matrix's mapped pages
+RANGE_POSTINGS = 2_000_000  # postings merged at a time while building (~60 MB of temporaries)
 SCORE_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
 METHODS = ("lucene", "robertson", "atire")  # bm25s's variants without a non-occurrence array
 
@@ -117,6 +119,7 @@ class BM25sIndex(BM25Index):
         self._scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # data, indices, indptr
         self._vocab: HashIndex | None = None
         self._vocab_table: MappedTable | None = None
+        self._maps: list[MappedFile] = []
         self._store: DocumentStore | None = None  # ids come from here when built over a store
         self._ids: list[str] = []  # ... or from here
         self._num_docs = 0
@@ -196,33 +199,46 @@ class BM25sIndex(BM25Index):
         return self
 
     def _build_files(self, docs: Iterable[Document], folder: Path) -> dict:
-        """Tokenize chunk by chunk, spill (row, term, tf) triples, then write the CSC score matrix."""
-        vocab: dict[str, int] = {}  # term -> id in order of first appearance (renumbered at the end)
-        df_first = np.zeros(0, dtype=np.int64)
+        """Write the CSC score matrix of ``docs`` into ``folder`` with bounded memory (an external sort).
+
+        1. Chunk by chunk: tokenize, count (document, term, tf) triples, sort them by term and spill
+           them as a *run* (three raw int32 files); terms get ids in order of first appearance (new
+           terms of a chunk in sorted order), so every run is already sorted by final column.
+        2. Column range by column range (about :data:`RANGE_POSTINGS` postings each): read that range's
+           slice of every run, merge (a stable sort by term keeps documents ascending), score with
+           bm25s's formulas, and append to the output files. Output is written sequentially, never mapped.
+        """
+        vocab: dict[str, int] = {}  # term -> column id, in order of first appearance
+        df = np.zeros(0, dtype=np.int64)
         lengths: list[np.ndarray] = []
         n_docs = nnz = 0
         with tempfile.TemporaryDirectory(prefix=".spill-", dir=folder) as spill:
-            chunks: list[Path] = []
+            runs: list[Path] = []  # one spilled run per chunk: <prefix>.terms / .rows / .tf
             it = iter(docs)
             while chunk := list(itertools.islice(it, CHUNK_DOCS)):
                 tokens = self._tokenize([d.contents for d in chunk], return_ids=True)
                 local = [""] * len(tokens.vocab)
                 for term, i in tokens.vocab.items():
                     local[i] = term
-                to_first = np.fromiter((vocab.setdefault(t, len(vocab)) for t in local), dtype=np.int64, count=len(local))
+                for term in sorted(t for t in local if t not in vocab):
+                    vocab[term] = len(vocab)
+                to_id = np.fromiter((vocab[t] for t in local), dtype=np.int64, count=len(local))
                 lens = np.fromiter((len(ids) for ids in tokens.ids), dtype=np.int64, count=len(chunk))
                 flat = np.fromiter(itertools.chain.from_iterable(tokens.ids), dtype=np.int64, count=int(lens.sum()))
+                del tokens
                 width = max(len(local), 1)
-                # One entry per (document, term): sorted by document, then term.
+                # One entry per (document, term), sorted by document, then (stable) by term.
                 keys, tf = np.unique(np.repeat(np.arange(len(chunk), dtype=np.int64), lens) * width + flat, return_counts=True)
-                rows = (keys // width + n_docs).astype(np.int32)
-                terms = to_first[keys % width]
-                if len(df_first) < len(vocab):
-                    df_first = np.concatenate([df_first, np.zeros(len(vocab) - len(df_first), dtype=np.int64)])
-                df_first += np.bincount(terms, minlength=len(vocab))
-                path = Path(spill) / f"chunk-{len(chunks):06d}.npz"
-                np.savez(path, rows=rows, terms=terms.astype(np.int32), tf=tf.astype(np.int32))
-                chunks.append(path)
+                terms = to_id[keys % width]
+                order = np.argsort(terms, kind="stable")
+                prefix = Path(spill) / f"run-{len(runs):06d}"
+                terms[order].astype(np.int32).tofile(f"{prefix}.terms")
+                (keys // width + n_docs)[order].astype(np.int32).tofile(f"{prefix}.rows")
+                tf[order].astype(np.int32).tofile(f"{prefix}.tf")
+                if len(df) < len(vocab):
+                    df = np.concatenate([df, np.zeros(len(vocab) - len(df), dtype=np.int64)])
+                df += np.bincount(terms, minlength=len(vocab))
+                runs.append(prefix)
                 lengths.append(lens)
                 n_docs += len(chunk)
                 nnz += len(keys)
@@ -231,16 +247,13 @@ class BM25sIndex(BM25Index):
             if not vocab:
                 raise InputError("no document has an indexable word (all stopwords or one-letter tokens)")
 
-            # Term ids in sorted term order (deterministic files); "" is bm25s's empty-query token.
-            terms_sorted = sorted([*vocab, ""])
-            renumber = np.empty(len(vocab), dtype=np.int64)
-            for new, term in enumerate(terms_sorted):
-                if term:
-                    renumber[vocab[term]] = new
-            n_terms = len(terms_sorted)
-            df = np.zeros(n_terms, dtype=np.int64)
-            df[renumber] = df_first
-            del vocab, df_first
+            terms_by_id = [""] * len(vocab)
+            for term, i in vocab.items():
+                terms_by_id[i] = term
+            del vocab
+            terms_by_id.append("")  # bm25s's empty-query token: the last column, empty
+            n_terms = len(terms_by_id)
+            df = np.concatenate([df, [0]])
             doc_len = np.concatenate(lengths)
             del lengths
             l_avg = doc_len.mean()
@@ -250,27 +263,42 @@ class BM25sIndex(BM25Index):
             indptr = np.zeros(n_terms + 1, dtype=np.int64)
             np.cumsum(df, out=indptr[1:])
             np.save(folder / SCORE_FILES[2], indptr)
-            data = np.lib.format.open_memmap(folder / SCORE_FILES[0], mode="w+", dtype=np.float32, shape=(nnz,))
-            indices = np.lib.format.open_memmap(folder / SCORE_FILES[1], mode="w+", dtype=np.int32, shape=(nnz,))
-            heads = indptr[:-1].copy()  # next free slot of each column
-            for path in chunks:
-                with np.load(path) as part:
-                    rows, terms, tf = part["rows"], renumber[part["terms"]], part["tf"].astype(np.float32)
-                scores = (idf[terms] * _tfc(self.method, tf, doc_len[rows], l_avg, self.k1, self.b)).astype(np.float32)
-                # Counting sort by term, stable, so rows stay ascending within each column.
-                order = np.argsort(terms, kind="stable")
-                sorted_terms = terms[order]
-                rank = np.arange(len(order)) - np.searchsorted(sorted_terms, sorted_terms, "left")
-                slots = heads[sorted_terms] + rank
-                data[slots] = scores[order]
-                indices[slots] = rows[order]
-                columns, counts = np.unique(sorted_terms, return_counts=True)
-                heads[columns] += counts
-                path.unlink()
-            data.flush()
-            indices.flush()
-            del data, indices
-        self._write_vocab(folder, terms_sorted)
+
+            # Column ranges of about RANGE_POSTINGS postings (a longer column is a range of its own),
+            # and where each range starts in every run.
+            bounds = [0]
+            while bounds[-1] < n_terms:
+                nxt = int(np.searchsorted(indptr, indptr[bounds[-1]] + RANGE_POSTINGS, "right")) - 1
+                bounds.append(min(max(nxt, bounds[-1] + 1), n_terms))
+            starts = []
+            for prefix in runs:
+                if os.path.getsize(f"{prefix}.terms") == 0:  # a chunk without one indexable word
+                    starts.append([0] * len(bounds))
+                    continue
+                run_terms = np.memmap(f"{prefix}.terms", dtype=np.int32, mode="r")
+                starts.append(np.searchsorted(run_terms, bounds).tolist())
+                del run_terms
+            with open(folder / SCORE_FILES[0], "wb") as data, open(folder / SCORE_FILES[1], "wb") as indices:
+                for f, dtype in ((data, np.float32), (indices, np.int32)):
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (nnz,)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                for k in range(len(bounds) - 1):
+                    parts: dict[str, list[np.ndarray]] = {"terms": [], "rows": [], "tf": []}
+                    for prefix, at in zip(runs, starts):
+                        lo, hi = at[k], at[k + 1]
+                        if hi > lo:
+                            for name in parts:
+                                parts[name].append(np.fromfile(f"{prefix}.{name}", dtype=np.int32, count=hi - lo, offset=4 * lo))
+                    if not parts["terms"]:
+                        continue
+                    terms, rows, tf = (np.concatenate(parts[name]) for name in ("terms", "rows", "tf"))
+                    del parts
+                    order = np.argsort(terms, kind="stable")  # runs come in document order: rows stay ascending
+                    terms, rows, tf = terms[order], rows[order], tf[order].astype(np.float32)
+                    scores = (idf[terms] * _tfc(self.method, tf, doc_len[rows], l_avg, self.k1, self.b)).astype(np.float32)
+                    scores.tofile(data)
+                    rows.tofile(indices)
+        self._write_vocab(folder, terms_by_id)
         params = {
             "k1": self.k1,
             "b": self.b,
@@ -318,7 +346,8 @@ class BM25sIndex(BM25Index):
     # ----------------------------------------------------------------------- opening, saving
 
     def _open(self, folder: Path) -> None:
-        data, indices, indptr = (np.load(folder / name, mmap_mode="r") for name in SCORE_FILES)
+        self._maps = [MappedFile(folder / name) for name in SCORE_FILES]
+        data, indices, indptr = (m.npy() for m in self._maps)
         self._scores = (data, indices, indptr)
         self._num_docs = int(json.loads((folder / "params.index.json").read_text(encoding="utf-8"))["num_docs"])
         self._vocab_table = MappedTable(folder / "vocab.arrow")
@@ -330,6 +359,7 @@ class BM25sIndex(BM25Index):
         if self._vocab_table is not None:
             self._vocab_table.close()
         self._scores = self._vocab = self._vocab_table = None
+        self._maps = []
 
     def files(self) -> list[Path]:
         """The files of the built index (what :meth:`save` copies), ``inpars_index.json`` last."""
@@ -430,15 +460,33 @@ class BM25sIndex(BM25Index):
         live = [i for i, q in enumerate(terms) if q]  # a query with no known term needs no scoring
         rows = np.zeros((len(terms), k), dtype=np.int64)
         scores = np.zeros((len(terms), k), dtype=np.float32)
-        if live:
-            if self.n_threads > 0 and len(live) > 1:
-                with ThreadPoolExecutor(max_workers=self.n_threads) as pool:
-                    results = list(pool.map(lambda i: self._top_k(terms[i], k), live))
-            else:
-                results = [self._top_k(terms[i], k) for i in live]
-            for i, (r, s) in zip(live, results):
-                rows[i], scores[i] = r, s
+        # A few queries at a time, then the matrix pages are handed back: RSS holds the columns of
+        # the last group's terms, not every column the batch touched (see inpars.store.MappedFile).
+        group = max(RELEASE_QUERIES, self.n_threads)
+        pool = ThreadPoolExecutor(max_workers=self.n_threads) if self.n_threads > 0 and len(live) > 1 else None
+        try:
+            for start in range(0, len(live), group):
+                part = live[start : start + group]
+                if pool is not None:
+                    results = list(pool.map(lambda i: self._top_k(terms[i], k), part))
+                else:
+                    results = [self._top_k(terms[i], k) for i in part]
+                for i, (r, s) in zip(part, results):
+                    rows[i], scores[i] = r, s
+                self.release()
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return rows, scores
+
+    def release(self) -> None:
+        """Hand back this process's mapped pages of the score matrix and vocabulary (they stay in the
+        page cache); :meth:`retrieve` does it every few queries."""
+        for m in self._maps:
+            m.release()
+        if self._vocab is not None:
+            self._vocab.release()
+            self._vocab_table.release()
 
     def search(self, queries: Mapping[str, str], k: int) -> Run:
         qids = list(queries)
