@@ -118,6 +118,9 @@ def prepare(corpus: Path, out: Path) -> dict:
 
 def worker_store(out: Path, scifact: Path, n_queries: int, depth: int) -> dict:
     t0 = time.perf_counter()
+    import bm25s  # noqa: F401  (imported by the first index: timed here, apart from opening)
+    import pyarrow  # noqa: F401
+
     from inpars.bm25 import load_index
     from inpars.negatives import mine_negatives, write_triples_tsv
     from inpars.store import DocumentStore

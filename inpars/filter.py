@@ -37,6 +37,7 @@ import math
 import re
 import tempfile
 import unicodedata
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
@@ -183,7 +184,7 @@ class _Slim:
         self._block: list[str] = []
         self.codes = bytearray()
         self.scores = np.zeros(0)
-        self._scores: list[float] = []
+        self._scores = array("d")  # 8 bytes a row
         self._hashes = bytearray()
 
     def add(self, qid: str, code: int, score: float, norm: str) -> None:
@@ -207,8 +208,8 @@ class _Slim:
         self._flush()
         self.qids = pa.chunked_array(self._qids, pa.string()).combine_chunks() if self._qids else pa.array([], pa.string())
         self._qids = []
-        self.scores = np.array(self._scores, dtype=np.float64)
-        self._scores = []
+        self.scores = np.frombuffer(self._scores, dtype=np.float64).copy()
+        self._scores = array("d")
         self.codes = np.frombuffer(bytes(self.codes), dtype=np.uint8).copy()
         self.hashes = np.frombuffer(bytes(self._hashes), dtype="<u8").reshape(-1, 2)
         self._hashes = bytearray()

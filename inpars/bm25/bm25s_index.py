@@ -6,19 +6,21 @@ Snowball English stemmer (PyStemmer), title + text (:attr:`inpars.corpus.Documen
 SciFact test this gives nDCG@10 = 0.676 (Pyserini's published BM25 flat: 0.679).
 
 Why not ``bm25s.BM25.index``: it needs every document's token list in memory at once (a Python int
-per token, several GB at a million documents). Here bm25s tokenizes the documents chunk by chunk,
-each chunk's (document, term, term frequency) triples are spilled to disk, and the score matrix is
-assembled column by column straight into its ``.npy`` files. The build holds one chunk and the
-vocabulary. The scores are bm25s's own, bit for bit (same formulas, same floating-point order;
+per token, several GB at a million documents). Here the build is an external sort: bm25s tokenizes
+the documents chunk by chunk, each chunk's (term, document, term frequency) triples are sorted by
+term and spilled to disk, and the runs are merged column range by column range into the ``.npy``
+files, written sequentially. The build holds one chunk (or one column range) and the vocabulary.
+The scores are bm25s's own, bit for bit (same formulas, same floating-point order;
 ``tests/test_bm25_store.py`` compares with ``bm25s.BM25.index``), and the folder is a bm25s index
-(``bm25s.BM25.load`` reads it).
+(``bm25s.BM25.load`` reads it). Columns are numbered in order of first appearance (the new terms of
+a chunk in sorted order), so the files depend only on the documents and their order.
 
 Searching maps the score matrix (read-only ``mmap``): a query touches only the columns of its terms,
-and the pages are handed back every few queries (:class:`~inpars.store.MappedFile`). A query term finds its column through a hashed vocabulary (``vocab.arrow`` +
-``vocab.hash.npy``/``vocab.row.npy``), and hits (rows) become document ids through the
-:class:`~inpars.store.DocumentStore` the index was built over, so no Python object per term or per
-document is built. An index built over a plain list of documents keeps their ids in a list
-(``doc_ids.json`` when saved): fine for small corpora and tests.
+and the pages are handed back every few queries (:class:`~inpars.store.MappedFile`). A query term
+finds its column through a hashed vocabulary (``vocab.arrow`` + ``vocab.hash.npy``/``vocab.row.npy``),
+and hits (rows) become document ids through the :class:`~inpars.store.DocumentStore` the index was
+built over, so no Python object per term or per document is built. An index built over a plain list
+of documents keeps their ids in a list (``doc_ids.json`` when saved): fine for small corpora and tests.
 
 Saved folder::
 
