@@ -77,10 +77,10 @@ def versions() -> dict:
             out[pkg] = None
     jars = Path(importlib.util.find_spec("pyserini").submodule_search_locations[0]) / "resources" / "jars"
     out["anserini_jar"] = ",".join(sorted(p.name for p in jars.glob("anserini-*.jar")))
-    from inpars.bm25 import _java_release
+    from inpars.bm25.pyserini_index import java_release
 
     home = os.environ.get("JAVA_HOME", "")
-    out["java"] = _java_release(home).get("JAVA_VERSION") if home else None
+    out["java"] = java_release(home).get("JAVA_VERSION") if home else None
     out["java_home"] = home
     out["python"] = platform.python_version()
     return out
@@ -106,7 +106,8 @@ def main() -> int:
         )
         return 0
 
-    from inpars.bm25 import BM25sIndex, PyseriniIndex, _pyserini
+    from inpars.bm25 import BM25sIndex, PyseriniIndex
+    from inpars.bm25.pyserini_index import pyserini_classes
     from inpars.corpus import read_corpus, read_qrels, read_queries
     from inpars.evaluate import evaluate, format_table, paired_bootstrap
 
@@ -128,7 +129,7 @@ def main() -> int:
     systems["bm25s"] = {"index_seconds": round(index_s, 3), "search_seconds": round(time.perf_counter() - t0, 3)}
 
     t0 = time.perf_counter()
-    _pyserini()  # JVM start + Pyserini's imports, once per process: timed apart from indexing
+    pyserini_classes()  # JVM start + Pyserini's imports, once per process: timed apart from indexing
     startup_s = time.perf_counter() - t0
     for analyzer in [a.strip() for a in args.analyzers.split(",") if a.strip()]:
         name = f"pyserini-{analyzer}"

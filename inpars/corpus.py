@@ -103,7 +103,9 @@ def _first(obj: Mapping, fields: tuple[str, ...]) -> object | None:
 # --------------------------------------------------------------------------- corpus
 
 
-def _resolve_corpus_file(path: Path) -> Path:
+def resolve_corpus_file(path: str | os.PathLike) -> Path:
+    """The corpus file itself: ``path``, or the ``corpus.jsonl``/``.tsv``/``.csv`` of a BEIR folder."""
+    path = Path(path)
     if path.is_dir():
         for name in ("corpus.jsonl", "corpus.tsv", "corpus.csv"):
             if (path / name).exists():
@@ -124,14 +126,15 @@ def _make_document(doc_id: object, title: object, text: object, path: str, linen
     return Document(str(doc_id).strip(), title, text)
 
 
-def corpus_file(path: str | os.PathLike) -> Path:
-    """The corpus file itself (``corpus.jsonl`` etc. inside a BEIR folder)."""
-    return _resolve_corpus_file(Path(path))
+def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
+    """Documents in file order from a BEIR folder, JSONL, TSV or CSV file."""
+    for _, doc in iter_corpus_lines(path):
+        yield doc
 
 
-def iter_documents(path: str | os.PathLike) -> Iterator[tuple[int, Document]]:
-    """``(line_number, document)`` in file order from a BEIR folder, JSONL, TSV or CSV file."""
-    file = _resolve_corpus_file(Path(path))
+def iter_corpus_lines(path: str | os.PathLike) -> Iterator[tuple[int, Document]]:
+    """``(line number, Document)`` in file order (the line that errors and duplicate reports name)."""
+    file = resolve_corpus_file(path)
     name = str(file)
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
@@ -143,14 +146,9 @@ def iter_documents(path: str | os.PathLike) -> Iterator[tuple[int, Document]]:
         raise InputError(f"unknown corpus format {suffix!r} (expected .jsonl, .tsv or .csv)", path=name)
 
 
-def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
-    """Documents in file order from a BEIR folder, JSONL, TSV or CSV file."""
-    return (doc for _, doc in iter_documents(path))
-
-
 def _iter_delimited(file: Path, delimiter: str) -> Iterator[tuple[int, Document]]:
     name = str(file)
-    lines = (line for _, line in text_lines(file))
+    lines = (line for _, line in text_lines(file))  # non-UTF-8 bytes are an error naming the line
     reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
     for cells in reader:
@@ -176,16 +174,13 @@ def _iter_delimited(file: Path, delimiter: str) -> Iterator[tuple[int, Document]
 def read_corpus(path: str | os.PathLike) -> dict[str, Document]:
     """All documents by id, in file order; a repeated id is an error naming both lines."""
     docs: dict[str, Document] = {}
-    lines: dict[str, int] = {}
-    for lineno, doc in iter_documents(path):
+    for lineno, doc in iter_corpus_lines(path):
         if doc.doc_id in docs:
-            raise InputError(
-                f"document id {doc.doc_id!r} appears twice (lines {lines[doc.doc_id]} and {lineno})",
-                path=str(corpus_file(path)),
-                line=lineno,
-            )
+            # Only on this error path: find the first line again rather than keep a line per document.
+            first = next(n for n, d in iter_corpus_lines(path) if d.doc_id == doc.doc_id)
+            file = resolve_corpus_file(path)
+            raise InputError(f"document id {doc.doc_id!r} appears twice: {file}:{first} and {file}:{lineno}", path=str(file), line=lineno)
         docs[doc.doc_id] = doc
-        lines[doc.doc_id] = lineno
     return docs
 
 

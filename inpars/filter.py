@@ -19,23 +19,40 @@ Steps, in order (a row leaves at the first step that drops it; ``drop_reason`` s
    ``floor(keep_fraction * n)`` of the ``n`` rows left (ties broken by query_id).
 
 Normalisation for copies and duplicates: case-folded, punctuation removed, whitespace collapsed.
+
+Kept rows come out best first (descending score, ties by query_id), so the first K lines of the kept
+file are its top K; dropped rows come out in input order.
+
+Memory: :func:`filter_stream` reads the rows two or three times (a callable reopens them) and keeps
+about 50 bytes per row between reads (query_id, score, drop reason, a 128-bit hash of the normalised
+query), never the rows themselves; kept rows wait in a spool file on local disk to be written best
+first. :func:`filter_queries` is the same over a list, for the file CLI and the tests.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import tempfile
 import unicodedata
+from array import array
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
+
+import numpy as np
 
 from .bm25 import BM25Index
 from .config import FilterConfig
-from .corpus import Document
+from .corpus import Document, dumps_row
 from .errors import ConfigError, InputError
 
 STRATEGIES = ("scores", "reranker", "consistency")
+# Why a row was dropped; its position + 1 is the row's reason code (0: not dropped).
+REASONS = ("empty", "too_short", "too_long", "copied_from_document", "inconsistent", "duplicate", "below_top_k")
+SCORE_BATCH = 4096  # rows per scorer / BM25 call in the scoring pass
 
 
 class PairScorer(Protocol):
@@ -101,115 +118,276 @@ def _check_config(config: FilterConfig, scorer, index) -> None:
         raise ConfigError("filter.min_query_tokens is larger than filter.max_query_tokens")
 
 
-def _score(rows: list[dict], config: FilterConfig, scorer, index, docs) -> list[float]:
-    if config.strategy == "scores":
-        out = []
-        for row in rows:
-            lp = row.get("log_probs")
-            if not lp or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in lp):
-                raise InputError(f"query {row['query_id']!r}: 'log_probs' missing, empty or not finite numbers")
-            out.append(float(sum(lp) / len(lp) if config.aggregate == "mean" else sum(lp)))
-        return out
+def _code(reason: str) -> int:
+    return REASONS.index(reason) + 1
+
+
+def _normalised_row(row: Mapping, position: int) -> dict:
+    """A copy of ``row`` with ``query_id`` and ``query`` as strings; a row without ids is an InputError."""
+    row = dict(row)
+    if row.get("query_id") in (None, ""):
+        raise InputError(f"row {position} has no query_id")
+    qid = row["query_id"] = str(row["query_id"])
+    if row.get("doc_id") in (None, ""):
+        raise InputError(f"query {qid!r} has no doc_id")
+    row["query"] = "" if row.get("query") is None else str(row["query"])
+    return row
+
+
+def _cheap_reason(row: dict, config: FilterConfig, docs) -> tuple[int, str]:
+    """``(reason code or 0, normalised query)`` from the checks that need no scorer."""
+    q, n = row["query"].strip(), count_tokens(row["query"])
+    norm = normalize(q)
+    if not q:
+        return _code("empty"), norm
+    if n < config.min_query_tokens:
+        return _code("too_short"), norm
+    if n > config.max_query_tokens:
+        return _code("too_long"), norm
+    if config.drop_copies and norm and f" {norm} " in f" {normalize(_doc_text(row, docs, prefer_corpus=False))} ":
+        return _code("copied_from_document"), norm
+    return 0, norm
+
+
+def _log_prob_score(row: dict, aggregate: str) -> float:
+    lp = row.get("log_probs")
+    if not lp or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in lp):
+        raise InputError(f"query {row['query_id']!r}: 'log_probs' missing, empty or not finite numbers")
+    return float(sum(lp) / len(lp) if aggregate == "mean" else sum(lp))
+
+
+def _score_batch(rows: list[dict], config: FilterConfig, scorer, index, docs) -> list[float]:
+    """Scores of a batch of rows for the reranker and consistency strategies."""
     if config.strategy == "reranker":
-        pairs = [(str(r["query"]), _doc_text(r, docs, prefer_corpus=True)) for r in rows]
+        pairs = [(r["query"], _doc_text(r, docs, prefer_corpus=True)) for r in rows]
         scores = list(scorer.score(pairs)) if pairs else []
         if len(scores) != len(pairs):
             raise InputError(f"the scorer returned {len(scores)} scores for {len(pairs)} pairs")
         return [float(s) for s in scores]
-    # consistency
-    for row in rows:
+    for row in rows:  # consistency
         if str(row["doc_id"]) not in index:
             raise InputError(f"query {row['query_id']!r}: its doc_id {row['doc_id']!r} is not in the BM25 index")
-    run = index.search({str(r["query_id"]): str(r["query"]) for r in rows}, k=config.consistency_top_k)
+    run = index.search({r["query_id"]: r["query"] for r in rows}, k=config.consistency_top_k)
     out = []
     for row in rows:
-        ranked = sorted(run.get(str(row["query_id"]), {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        ranked = sorted(run.get(row["query_id"], {}).items(), key=lambda kv: (-kv[1], kv[0]))
         rank = next((i for i, (d, _) in enumerate(ranked, 1) if d == str(row["doc_id"])), None)
         out.append(1.0 / rank if rank else 0.0)
     return out
 
 
-def filter_queries(
-    rows: Sequence[dict],
+class _Slim:
+    """What the filter keeps per row between reads: query_id, score, reason code, normalised-query hash."""
+
+    def __init__(self):
+        self._qids: list = []  # Arrow string arrays, one per block
+        self._block: list[str] = []
+        self.codes = bytearray()
+        self.scores = np.zeros(0)
+        self._scores = array("d")  # 8 bytes a row
+        self._hashes = bytearray()
+
+    def add(self, qid: str, code: int, score: float, norm: str) -> None:
+        self._block.append(qid)
+        if len(self._block) >= 65536:
+            self._flush()
+        self.codes.append(code)
+        self._scores.append(score)
+        self._hashes += hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._block:
+            self._qids.append(pa.array(self._block, pa.string()))
+            self._block = []
+
+    def finish(self) -> None:
+        import pyarrow as pa
+
+        self._flush()
+        self.qids = pa.chunked_array(self._qids, pa.string()).combine_chunks() if self._qids else pa.array([], pa.string())
+        self._qids = []
+        self.scores = np.frombuffer(self._scores, dtype=np.float64).copy()
+        self._scores = array("d")
+        self.codes = np.frombuffer(bytes(self.codes), dtype=np.uint8).copy()
+        self.hashes = np.frombuffer(bytes(self._hashes), dtype="<u8").reshape(-1, 2)
+        self._hashes = bytearray()
+
+    def qid(self, position: int) -> str:
+        return self.qids[position].as_py()
+
+
+def _check_unique(slim: _Slim) -> None:
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(slim.qids).to_numpy()
+    ordered = slim.qids.take(order)
+    same = np.nonzero(pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False))[0] if len(order) > 1 else []
+    if len(same):
+        a, b = sorted(int(x) for x in order[[same[0], same[0] + 1]])
+        raise InputError(f"query_id {slim.qid(b)!r} appears twice (rows {a} and {b})")
+
+
+def _rows_again(open_rows: Callable[[], Iterable[Mapping]], slim: _Slim) -> Iterator[tuple[int, dict]]:
+    """The rows once more, checked to be the same rows in the same order as the first read."""
+    n = 0
+    for position, row in enumerate(open_rows()):
+        row = _normalised_row(row, position)
+        if position >= len(slim.codes) or row["query_id"] != slim.qid(position):
+            raise InputError(f"the rows changed between two reads (row {position} is now query {row['query_id']!r})")
+        yield position, row
+        n += 1
+    if n != len(slim.codes):
+        raise InputError(f"the rows changed between two reads ({n} rows now, {len(slim.codes)} before)")
+
+
+def filter_stream(
+    open_rows: Callable[[], Iterable[Mapping]],
     config: FilterConfig,
     *,
+    write_kept: Callable[[dict], None],
+    write_dropped: Callable[[dict], None],
     scorer: PairScorer | None = None,
     index: BM25Index | None = None,
     docs: Mapping[str, Document] | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Split generated rows into ``(kept, dropped)``, both in input order (see the module doc).
-
-    Kept rows are copies with ``"score"``; dropped rows are copies with ``"drop_reason"`` and, when
-    it was computed, ``"score"``. Every input row is in exactly one of the two lists.
+    spool_dir: str | None = None,
+) -> dict:
+    """Filter generated rows with bounded memory; returns the summary (see the module doc for the steps).
 
     Args:
-        rows: generated rows (``query_id``, ``query``, ``doc_id``, ``doc_text``, ``log_probs``).
-        config: the filter settings (strategy, thresholds, top-k).
-        scorer: for ``strategy="reranker"``: an object with ``score(pairs) -> list[float]``.
-        index: for ``strategy="consistency"``: a BM25 index over the corpus.
-        docs: the corpus by id; the reranker reads its full documents, and any check falls back to
-            it for rows without ``doc_text``.
+        open_rows: returns a fresh iterator over the same rows in the same order each call (e.g. one
+            that reads the generated shards from local files); it is called two or three times.
+        write_kept: called with each kept row (a copy with ``"score"``), best first.
+        write_dropped: called with each dropped row (a copy with ``"drop_reason"`` and, when it was
+            computed, ``"score"``), in input order.
+        scorer, index, docs: as for :func:`filter_queries`.
+        spool_dir: where kept rows wait to be written best first (default: the temp folder).
+
+    Returns ``{"strategy", "aggregate", "n_in", "n_kept", "dropped_by_reason", "threshold"}``
+    (``threshold``: the lowest kept score, None when nothing is kept).
     """
     _check_config(config, scorer, index)
-    rows = [dict(r) for r in rows]
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        if row.get("query_id") in (None, ""):
-            raise InputError(f"row {i} has no query_id")
-        qid = row["query_id"] = str(row["query_id"])
-        if qid in seen:
-            raise InputError(f"query_id {qid!r} appears twice")
-        seen.add(qid)
-        if row.get("doc_id") in (None, ""):
-            raise InputError(f"query {qid!r} has no doc_id")
-        row["query"] = "" if row.get("query") is None else str(row["query"])
 
-    reason: dict[str, str] = {}  # query_id -> why it was dropped
-    for row in rows:
-        q, n = row["query"].strip(), count_tokens(row["query"])
-        if not q:
-            reason[row["query_id"]] = "empty"
-        elif n < config.min_query_tokens:
-            reason[row["query_id"]] = "too_short"
-        elif n > config.max_query_tokens:
-            reason[row["query_id"]] = "too_long"
-        elif config.drop_copies and is_copied(q, _doc_text(row, docs, prefer_corpus=False)):
-            reason[row["query_id"]] = "copied_from_document"
+    # Read 1: ids, cheap checks, log-prob scores.
+    slim = _Slim()
+    for position, row in enumerate(open_rows()):
+        row = _normalised_row(row, position)
+        code, norm = _cheap_reason(row, config, docs)
+        score = _log_prob_score(row, config.aggregate) if code == 0 and config.strategy == "scores" else math.nan
+        slim.add(row["query_id"], code, score, norm)
+    slim.finish()
+    _check_unique(slim)
+    codes, scores = slim.codes, slim.scores
 
-    alive = [r for r in rows if r["query_id"] not in reason]
-    for row, s in zip(alive, _score(alive, config, scorer, index, docs)):
-        row["score"] = s
-    if config.strategy == "consistency":
-        for row in alive:
-            if row["score"] < 1.0 / config.consistency_top_k:
-                reason[row["query_id"]] = "inconsistent"
-        alive = [r for r in alive if r["query_id"] not in reason]
+    # Read 2 (reranker, consistency): score the rows still in, a batch at a time.
+    if config.strategy != "scores":
+        batch: list[tuple[int, dict]] = []
+
+        def score(batch: list[tuple[int, dict]]) -> None:
+            values = _score_batch([r for _, r in batch], config, scorer, index, docs)
+            scores[[p for p, _ in batch]] = values
+
+        for position, row in _rows_again(open_rows, slim):
+            if codes[position] == 0:
+                batch.append((position, row))
+                if len(batch) >= SCORE_BATCH:
+                    score(batch)
+                    batch = []
+        if batch:
+            score(batch)
+        if config.strategy == "consistency":
+            codes[(codes == 0) & (scores < 1.0 / config.consistency_top_k)] = _code("inconsistent")
 
     # Best first; ties by query_id so every run (and shard layout) keeps the same rows.
-    alive.sort(key=lambda r: (-r["score"], r["query_id"]))
-    if config.drop_duplicates:
-        first: set[str] = set()
-        for row in alive:
-            key = normalize(row["query"])
-            if key in first:
-                reason[row["query_id"]] = "duplicate"
-            first.add(key)
-        alive = [r for r in alive if r["query_id"] not in reason]
+    kept_positions = _rank(slim, config)
+    n_kept = len(kept_positions)
 
+    # Read 3: write dropped rows now, spool kept rows and write them best first.
+    rank_of = np.full(len(codes), -1, dtype=np.int64)
+    rank_of[kept_positions] = np.arange(n_kept)
+    starts = np.zeros(n_kept, dtype=np.int64)  # byte range of each kept row in the spool, by rank
+    lengths = np.zeros(n_kept, dtype=np.int64)
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        for position, row in _rows_again(open_rows, slim):
+            if not math.isnan(scores[position]):
+                row["score"] = float(scores[position])
+            if codes[position]:
+                row["drop_reason"] = REASONS[codes[position] - 1]
+                write_dropped(row)
+            else:
+                line = dumps_row(row).encode("utf-8", "surrogatepass")
+                rank = rank_of[position]
+                starts[rank], lengths[rank] = spool.tell(), len(line)
+                spool.write(line)
+        for rank in range(n_kept):
+            spool.seek(int(starts[rank]))
+            write_kept(json.loads(spool.read(int(lengths[rank])).decode("utf-8", "surrogatepass")))
+
+    dropped = codes[codes > 0]
+    reasons, first, counts = np.unique(dropped, return_index=True, return_counts=True)
+    by_count = sorted(zip(counts.tolist(), first.tolist(), reasons.tolist()), key=lambda t: (-t[0], t[1]))
+    return {
+        "strategy": config.strategy,
+        "aggregate": config.aggregate,
+        "n_in": len(codes),
+        "n_kept": n_kept,
+        "dropped_by_reason": {REASONS[code - 1]: count for count, _, code in by_count},
+        "threshold": float(scores[kept_positions].min()) if n_kept else None,
+    }
+
+
+def _rank(slim: _Slim, config: FilterConfig) -> np.ndarray:
+    """Positions of the kept rows, best first; marks duplicates and rows below the top k in ``slim.codes``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    codes, scores = slim.codes, slim.scores
+    alive = np.nonzero(codes == 0)[0]
+    if alive.size:
+        table = pa.table({"score": pa.array(scores[alive]), "qid": slim.qids.take(pa.array(alive))})
+        alive = alive[pc.sort_indices(table, sort_keys=[("score", "descending"), ("qid", "ascending")]).to_numpy()]
+    if config.drop_duplicates and alive.size:
+        # The best-ranked row of each normalised query stays; np.unique gives each hash's first index.
+        _, first = np.unique(slim.hashes[alive], axis=0, return_index=True)
+        keep = np.zeros(alive.size, dtype=bool)
+        keep[first] = True
+        codes[alive[~keep]] = _code("duplicate")
+        alive = alive[keep]
     if config.keep_top_k is not None:
         n_keep = config.keep_top_k
     elif config.keep_fraction is not None:
         n_keep = math.floor(config.keep_fraction * len(alive) + 1e-9)
     else:
         n_keep = len(alive)
-    for row in alive[n_keep:]:
-        reason[row["query_id"]] = "below_top_k"
+    codes[alive[n_keep:]] = _code("below_top_k")
+    return alive[:n_keep]
 
-    kept, dropped = [], []
-    for row in rows:
-        if row["query_id"] in reason:
-            row["drop_reason"] = reason[row["query_id"]]
-            dropped.append(row)
-        else:
-            kept.append(row)
+
+def filter_queries(
+    rows: Iterable[dict],
+    config: FilterConfig,
+    *,
+    scorer: PairScorer | None = None,
+    index: BM25Index | None = None,
+    docs: Mapping[str, Document] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Split generated rows into ``(kept, dropped)``: kept best first, dropped in input order.
+
+    Kept rows are copies with ``"score"``; dropped rows are copies with ``"drop_reason"`` and, when
+    it was computed, ``"score"``. Every input row is in exactly one of the two lists. This is
+    :func:`filter_stream` over a list; workers over large inputs call that instead.
+
+    Args:
+        rows: generated rows (``query_id``, ``query``, ``doc_id``, ``doc_text``, ``log_probs``).
+        config: the filter settings (strategy, thresholds, top-k).
+        scorer: for ``strategy="reranker"``: an object with ``score(pairs) -> list[float]``.
+        index: for ``strategy="consistency"``: a BM25 index over the corpus.
+        docs: the corpus by id (a dict or a :class:`~inpars.store.DocumentStore`); the reranker reads
+            its full documents, and any check falls back to it for rows without ``doc_text``.
+    """
+    rows = list(rows)
+    kept: list[dict] = []
+    dropped: list[dict] = []
+    filter_stream(lambda: iter(rows), config, write_kept=kept.append, write_dropped=dropped.append, scorer=scorer, index=index, docs=docs)
     return kept, dropped

