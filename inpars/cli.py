@@ -113,7 +113,7 @@ def filter_(
 ):
     """Keep the best synthetic queries; write the rest with the reason they were dropped."""
     from .corpus import read_corpus, write_jsonl
-    from .filter import drop_counts, filter_queries
+    from .filter import drop_counts, filter_queries, load_scorer
     from .queryfiles import read_query_rows
 
     cfg = FilterConfig.of(
@@ -127,12 +127,8 @@ def filter_(
         reranker_model=reranker_model,
         consistency_top_k=consistency_top_k,
     )
-    scorer = index = docs = None
-    if strategy == "reranker":
-        from .rerank import load_reranker
-
-        scorer = load_reranker(reranker_model or "")
-    elif strategy == "consistency":
+    scorer, index, docs = load_scorer(cfg), None, None
+    if strategy == "consistency":
         from .bm25 import build_index
 
         if not corpus:

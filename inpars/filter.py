@@ -81,6 +81,16 @@ def count_tokens(query: str) -> int:
     return len(query.split())
 
 
+def load_scorer(config: FilterConfig):
+    """The pair scorer of the ``reranker`` strategy (``filter.reranker_model``); None for the others,
+    which need no model (``consistency`` needs a BM25 index and the documents instead)."""
+    if config.strategy != "reranker":
+        return None
+    from .rerank import load_reranker
+
+    return load_reranker(config.reranker_model or "")
+
+
 def drop_counts(dropped: Sequence[Mapping]) -> dict[str, int]:
     """``{drop_reason: count}``, most frequent first."""
     return dict(Counter(r["drop_reason"] for r in dropped).most_common())

@@ -246,17 +246,13 @@ def _prompt_name(config: PipelineConfig) -> str:
 def filter_worker(shard: Shard) -> None:
     from .corpus import dumps_row
     from .evaluate import natural_key
-    from .filter import filter_stream
+    from .filter import filter_stream, load_scorer
 
     run = shard.run
     cfg = run.config.filter
     n_generate = shard.shards_of("generate")
-    scorer = index_ = docs = None
-    if cfg.strategy == "reranker":
-        from .rerank import load_reranker
-
-        scorer = load_reranker(cfg.reranker_model)
-    elif cfg.strategy == "consistency":
+    scorer, index_, docs = load_scorer(cfg), None, None
+    if cfg.strategy == "consistency":
         docs, index_ = prepared(run)
     fewshot: set[str] = set()
 
@@ -291,8 +287,6 @@ def filter_worker(shard: Shard) -> None:
 
 
 def negatives_worker(shard: Shard) -> None:
-    from itertools import islice
-
     from .negatives import mine_negatives, write_triples_tsv
     from .shards import shard_range
 
@@ -300,7 +294,7 @@ def negatives_worker(shard: Shard) -> None:
     cfg = run.config.negatives
     n_kept = int((run.record("filter", 0, 1) or {}).get("rows") or 0)
     mine_range = shard_range(n_kept, index, count)
-    mine = list(islice(run.iter_rows("filter", 1, needed_by="negatives"), mine_range.start, mine_range.stop))
+    mine = list(run.iter_rows("filter", 1, needed_by="negatives", start=mine_range.start, stop=mine_range.stop))
     docs, bm25 = prepared(run)
     triples = mine_negatives(mine, bm25, depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed)
     with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:

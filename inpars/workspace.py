@@ -614,6 +614,7 @@ class Run:
                 if not target.is_file():
                     raise InParsError(f"{target} is listed in its record but missing: run `inpars-launch verify` and resume")
                 digest = _file_sha256(target)
+                self.bytes_read += entry["bytes"]  # read whole to verify it
             elif target.is_file() and target.stat().st_size == entry["bytes"] and _file_sha256(target) == entry["sha256"]:
                 continue  # fetched before by this pod
             else:
@@ -626,13 +627,32 @@ class Run:
                 raise InParsError(f"{self.storage.uri(key)} does not match the sha256 in its record: corrupted? run `inpars-launch verify`")
         return base / name
 
-    def iter_rows(self, stage: str, count: int, *, needed_by: str | None = None, name: str | None = None) -> Iterator[dict]:
-        """The rows of a JSONL stage, shard after shard, streamed (each shard verified as it is read)."""
+    def iter_rows(
+        self, stage: str, count: int, *, needed_by: str | None = None, name: str | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[dict]:
+        """The rows of a JSONL stage, shard after shard, streamed (each shard verified as it is read).
+
+        ``start``/``stop``: only rows ``[start, stop)`` of the whole stage (a query shard's slice). Shards
+        wholly before ``start`` are not read (their records give their row counts); rows before it in the
+        first shard read are skipped unparsed."""
         self.require_complete(stage, count, needed_by)
+        position = 0
         for i in range(count):
+            if stop is not None and position >= stop:
+                return
             fname = name.format(shard=shard_name(i, count, "jsonl")) if name else shard_name(i, count, "jsonl")
+            rows = (self.record(stage, i, count) or {}).get("rows") if name is None else None
+            if isinstance(rows, int) and position + rows <= start:
+                position += rows
+                continue
             path = self.fetch(stage, fname, i, count)
-            yield from (row for _, row in iter_jsonl_file(path))
+            skip = max(0, start - position)
+            position += skip
+            for _, row in iter_jsonl_file(path, skip):
+                if stop is not None and position >= stop:
+                    return
+                position += 1
+                yield row
 
     def read_rows(self, stage: str, count: int, *, needed_by: str | None = None) -> list[dict]:
         """All rows of a JSONL stage, shards 0..count-1 in order (every shard must be committed)."""
@@ -809,10 +829,14 @@ def parse_record(raw: bytes, where: str) -> dict[str, Any]:
     return record
 
 
-def iter_jsonl_file(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line, row)`` of a local JSONL file, streamed; bad lines raise naming file and line."""
+def iter_jsonl_file(path: str | os.PathLike, skip: int = 0) -> Iterator[tuple[int, dict]]:
+    """``(line, row)`` of a local JSONL file, streamed; bad lines raise naming file and line. The first
+    ``skip`` rows (non-blank lines) are passed over unparsed."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if skip and raw.strip():
+                skip -= 1
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

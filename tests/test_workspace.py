@@ -303,3 +303,18 @@ def test_sigkill_resume_is_byte_identical(workspace, worker_script, tmp_path):
     assert sorted(set(done)) == list(range(40))
     assert len(done) - 40 <= 5, "more than one chunk was redone"
     assert run.storage.list("generate/_checkpoints/") == []
+
+
+def test_iter_rows_reads_a_slice_of_the_whole_stage(tmp_path):
+    """A query shard's slice: shards before it are not read (their records count their rows), rows before it are skipped unparsed."""
+    run = Run.create(str(tmp_path), PipelineConfig(), "slices")
+    for i in range(3):
+        body = "".join(json.dumps({"i": 10 * i + j}) + "\n" for j in range(4)) + "\n"  # a blank line is not a row
+        run.commit_shard("generate", i, 3, body.encode())
+    whole = [r["i"] for r in run.iter_rows("generate", 3)]
+    assert whole == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
+    for start in range(13):
+        for stop in range(start, 14):
+            assert [r["i"] for r in run.iter_rows("generate", 3, start=start, stop=stop)] == whole[start:stop]
+    (Path(run.uri) / "generate" / "shard-00000-of-00003.jsonl").write_text("torn")
+    assert [r["i"] for r in run.iter_rows("generate", 3, start=4, stop=6)] == [10, 11]  # shard 0 is never opened
