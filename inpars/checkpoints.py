@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from .files import atomic_write, fsync_file
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -109,12 +111,9 @@ class LocalCheckpointer:
         dest.mkdir(parents=True)
         for name in manifest["files"]:
             shutil.copyfile(Path(folder) / name, dest / name)
-            _fsync(dest / name)
-        tmp = dest / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, dest / MANIFEST)  # the manifest appears last and whole
-        _fsync_dir(dest)
+            fsync_file(dest / name)
+        with atomic_write(dest / MANIFEST) as f:  # the manifest appears last and whole
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self._prune()
 
     def steps(self) -> list[int]:
@@ -148,22 +147,6 @@ class LocalCheckpointer:
     def clear(self) -> None:
         """Delete every checkpoint (after the trained model is stored)."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StorageCheckpointer:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import atomic_write
 
 KEPT_FILE = "filter/shard-00000-of-00001.jsonl"
 DROPPED_FILE = "filter/dropped.jsonl"
@@ -531,7 +532,6 @@ def write_report(run: str | os.PathLike, out_dir: str | Path | None = None) -> P
         elif path.exists():
             path.unlink()  # a plot from an earlier report whose data is gone would mislead
     html_path = out / "report.html"
-    tmp = html_path.with_name(f".report.html.tmp-{os.getpid()}")
-    tmp.write_text(render_html(data, pngs), encoding="utf-8")
-    os.replace(tmp, html_path)
+    with atomic_write(html_path) as f:
+        f.write(render_html(data, pngs))
     return html_path

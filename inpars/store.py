@@ -36,6 +36,7 @@ import numpy as np
 
 from .corpus import Document, iter_corpus_lines, resolve_corpus_file
 from .errors import InputError
+from .files import atomic_write
 
 FORMAT = "inpars-store/1"
 DOCUMENTS_FILE = "documents.arrow"
@@ -442,9 +443,8 @@ def write_store(
         for p in written:
             p.unlink(missing_ok=True)
         raise
-    tmp = folder / f".{INFO_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / INFO_FILE)
+    with atomic_write(folder / INFO_FILE) as f:
+        f.write(json.dumps(info.to_json(), indent=1) + "\n")
     return info
 
 
