@@ -53,21 +53,6 @@ def _k8s_executor(
     return K8sExecutor(namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
-class K8sShards:
-    """The driver's executor over Kubernetes Jobs (one Indexed Job per stage, resume Jobs for the rest)."""
-
-    def __init__(self, executor):
-        self.executor = executor
-
-    def run_shards(self, job, shards, run):
-        from .k8s import JobFailedError
-
-        try:
-            return self.executor.run_stage(job, run.run_id, list(shards), lambda p: console.print(str(p), highlight=False), workspace=run)
-        except JobFailedError as e:
-            raise StageFailed(str(e), permanent=False) from None
-
-
 def _executor(
     backend: str,
     *,
@@ -83,7 +68,7 @@ def _executor(
 
         return LocalExecutor(max_parallel=parallel)
     if backend == "k8s":
-        return K8sShards(_k8s_executor(namespace, image, queue, cfg, max_parallel_pods))
+        return _k8s_executor(namespace, image, queue, cfg, max_parallel_pods)
     raise InParsError(f"unknown backend {backend!r}: local | k8s")
 
 
