@@ -53,7 +53,7 @@ def _k8s_executor(
     return K8sExecutor(namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
-def _executor(
+def make_executor(
     backend: str,
     *,
     parallel: int,
@@ -85,7 +85,7 @@ def _execute(
 ):
     """Drive the run; print the summary; exit 42 (permanent) or 75 (transient) when a stage failed."""
     started = time.monotonic()
-    executor = _executor(
+    executor = make_executor(
         backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=run_.config, max_parallel_pods=max_parallel_pods
     )
     try:
@@ -425,7 +425,7 @@ def beir(
 
     def start(cfg: PipelineConfig):
         run_ = opened.get(cfg.data.name) or lib.open_run(workspace, cfg)
-        executor = _executor(
+        executor = make_executor(
             backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=cfg, max_parallel_pods=max_parallel_pods
         )
         drive_exclusively(run_, executor, say=lambda text: console.print(f"{cfg.data.name}: {text}", highlight=False))
