@@ -14,7 +14,6 @@ keeps checkpoints in a local folder. A workspace-backed implementation (create-o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from .files import atomic_write, fsync_file
+from .files import atomic_write, file_sha256, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,6 @@ class TrainCheckpointer(Protocol):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_manifest(folder: Path, step: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Local files written whole: a reader sees the old content or the new, never a part.
+"""Local files: written whole (a reader sees the old content or the new, never a part), and hashed.
 
 :func:`atomic_write` is the one temp-file-then-rename in the package: the content goes to a temp file
 in the target's folder (named with :data:`TMP_PREFIX`, which local workspaces never list), is fsynced,
@@ -9,6 +9,7 @@ that raises leaves the target as it was and no temp file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,15 @@ TMP_PREFIX = ".tmp-"  # files being written; never listed as workspace files
 def temp_path_beside(path: Path) -> Path:
     """A fresh temp name in ``path``'s folder (same filesystem, so a rename to ``path`` is atomic)."""
     return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """sha256 of a file, read in blocks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .corpus import Document, iter_corpus_lines, resolve_corpus_file
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 
 FORMAT = "inpars-store/1"
 DOCUMENTS_FILE = "documents.arrow"
@@ -324,15 +324,6 @@ class StoreInfo:
             raise InputError(f"not a document store of format {FORMAT} (format {data.get('format')!r})", path=where)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """sha256 of a file, read in blocks (never whole into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _describe(path: str | None, line: int | None, row: int) -> str:
@@ -656,7 +647,6 @@ __all__ = [
     "MappedFile",
     "MappedTable",
     "StoreInfo",
-    "file_sha256",
     "hash_strings",
     "store_files",
     "verify_store",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..files import file_sha256
 from ..models import ModelSource, resolve_model
 from ..storage import cache_root
 from .base import Generation, GenerationBackend
@@ -43,11 +44,7 @@ def gguf_cache_dir(source: ModelSource) -> Path:
     these files): reinstalling the same package reuses the conversion, where an mtime key left a new
     ~0.5 GB copy per install, and a changed file never meets a stale conversion."""
     gguf = Path(source.name_or_path) / str(source.gguf_file)
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf, block=1 << 22)[:16]}"
 
 
 def _load_gguf(source: ModelSource):
