@@ -51,7 +51,7 @@ NOT_AVAILABLE = "not available yet"
 # --------------------------------------------------------------------------- reading
 
 
-def open_run(run: str) -> Run | None:
+def _open_run(run: str) -> Run | None:
     """The run at ``run`` (a folder or a gs:// URI), or None when it has no manifest yet."""
     if not open_storage(run).exists(MANIFEST):
         return None
@@ -135,7 +135,7 @@ def load_report_data(run: str) -> ReportData:
     """Everything the report shows, read through :class:`inpars.workspace.Run` (committed files are
     verified against their records); a piece a stage has not committed yet is None."""
     run = str(run)
-    opened = open_run(run)
+    opened = _open_run(run)
     manifest = summary = kept = dropped = evaluation = fusion = None
     if opened is not None:
         manifest = _parse_json(opened.storage.read_bytes(MANIFEST), opened.storage.uri(MANIFEST))

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, InParsError, TransientError
-from ..files import atomic_write
+from ..files import atomic_write, file_sha256
 from .base import Storage, cache_root, check_key, join_key
 
 
@@ -166,11 +166,9 @@ class GCSStorage(Storage):
 
     def download_file(self, key: str, path: str | os.PathLike) -> str:
         """Stream ``key`` into ``path`` (temp file + rename, never whole in memory); its sha256."""
-        import hashlib
 
         from google.api_core import exceptions
 
-        digest = hashlib.sha256()
         with atomic_write(path, "wb") as f:
             with _errors(self.uri(key)):
                 try:
@@ -178,10 +176,8 @@ class GCSStorage(Storage):
                 except exceptions.NotFound:
                     raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
             f.flush()
-            with open(f.name, "rb") as written:
-                for block in iter(lambda: written.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+            digest = file_sha256(f.name)  # of what was written
+        return digest
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.prefix + "/" if self.prefix else ""
