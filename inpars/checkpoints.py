@@ -14,7 +14,6 @@ keeps checkpoints in a local folder. A workspace-backed implementation (create-o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
+
+from .files import atomic_write, file_sha256, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class TrainCheckpointer(Protocol):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_manifest(folder: Path, step: int) -> dict[str, Any]:
@@ -109,12 +102,9 @@ class LocalCheckpointer:
         dest.mkdir(parents=True)
         for name in manifest["files"]:
             shutil.copyfile(Path(folder) / name, dest / name)
-            _fsync(dest / name)
-        tmp = dest / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, dest / MANIFEST)  # the manifest appears last and whole
-        _fsync_dir(dest)
+            fsync_file(dest / name)
+        with atomic_write(dest / MANIFEST) as f:  # the manifest appears last and whole
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self._prune()
 
     def steps(self) -> list[int]:
@@ -148,22 +138,6 @@ class LocalCheckpointer:
     def clear(self) -> None:
         """Delete every checkpoint (after the trained model is stored)."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StorageCheckpointer:

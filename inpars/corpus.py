@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .files import atomic_write
 
 ID_FIELDS = ("_id", "doc_id", "docid", "id")
 QUERY_ID_FIELDS = ("_id", "query_id", "qid", "id")
@@ -81,15 +82,11 @@ def dumps_row(row: Mapping) -> str:
 
 def write_jsonl(rows: Iterable[Mapping], path: str | os.PathLike) -> int:
     """Write rows atomically (temp file + rename); returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(dumps_row(row))
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .errors import ConfigError
+from .files import atomic_write
 
 BUILTIN_DATA = Path(__file__).parent / "data"
 
@@ -163,8 +164,6 @@ def fewshot_from_split(folder: Path, splits: tuple[str, ...] = ("train", "dev"))
     ]
     if not rows:
         return None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    with atomic_write(out) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return out

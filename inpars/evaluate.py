@@ -136,7 +136,10 @@ def format_table(results: Mapping[str, Mapping], *, digits: int = 4) -> str:
             cells.append("-" if v is None else f"{v:.{digits}f}" + ("*" if len(rows) > 1 and v == best[m] else " "))
         body.append(cells)
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 

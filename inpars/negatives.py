@@ -18,6 +18,7 @@ from pathlib import Path
 from .bm25 import BM25Index
 from .corpus import Document
 from .errors import ConfigError, InputError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -163,29 +164,22 @@ def write_triples_tsv(triples: Iterable[Mapping], docs: Mapping[str, Document], 
     every line written reads back as written. Written atomically (temp file + rename).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n, unreadable = 0, []
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = triples_tsv_writer(f)
-            for t in triples:
-                ids = [t["pos_doc_id"], *t["neg_doc_ids"]]
-                for did in ids:
-                    if did not in docs:
-                        raise InputError(f"query {t.get('query_id')!r}: document {did!r} is not in the corpus")
-                query, pos = tsv_field(t["query"]), tsv_field(docs[t["pos_doc_id"]].contents)
-                for did in t["neg_doc_ids"]:
-                    fields = (query, pos, tsv_field(docs[did].contents))
-                    if any(text in CSV_NA_STRINGS for text in fields):
-                        unreadable.append(t.get("query_id"))
-                        continue
-                    writer.writerow(fields)
-                    n += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, newline="") as f:
+        writer = triples_tsv_writer(f)
+        for t in triples:
+            ids = [t["pos_doc_id"], *t["neg_doc_ids"]]
+            for did in ids:
+                if did not in docs:
+                    raise InputError(f"query {t.get('query_id')!r}: document {did!r} is not in the corpus")
+            query, pos = tsv_field(t["query"]), tsv_field(docs[t["pos_doc_id"]].contents)
+            for did in t["neg_doc_ids"]:
+                fields = (query, pos, tsv_field(docs[did].contents))
+                if any(text in CSV_NA_STRINGS for text in fields):
+                    unreadable.append(t.get("query_id"))
+                    continue
+                writer.writerow(fields)
+                n += 1
     if unreadable:
         log.warning(
             "%s: left out %d triples whose query or document text a CSV loader reads as null (e.g. query %r)",

@@ -32,7 +32,6 @@ folder; only the upload itself holds one file's bytes at a time (the storage int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InParsError
+from .files import file_sha256
 from .storage import join_key, open_storage, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -185,11 +185,7 @@ def _count_triples(path: Path) -> int:
 
 
 def _file_info(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _score_kind(filter_stats: Mapping | None) -> str:

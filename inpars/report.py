@@ -1,8 +1,10 @@
 """``inpars report RUN``: one self-contained HTML page (plus PNG plots) describing a run.
 
 The report reads only what the stages committed (see docs/DESIGN.md, "What each stage writes"):
-``manifest.json``, ``filter/*`` and ``evaluate/shard-00000-of-00001.json``. Every section degrades to
-"not available yet" when its stage has not run, so a report can be written at any point of a run.
+``manifest.json``, ``filter/*``, ``train/fusion.json`` and ``evaluate/shard-00000-of-00001.json``,
+through :class:`inpars.workspace.Run` (a local folder or a gs:// run; every committed file is checked
+against its record). Every section degrades to "not available yet" when its stage has not committed,
+so a report can be written at any point of a run.
 Plots are drawn with matplotlib's Agg canvas (no display, no pyplot global state) and embedded as
 base64 ``data:`` URIs, so ``report.html`` can be mailed or uploaded on its own; the same PNGs are also
 written beside it.
@@ -26,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import atomic_write
+from .shards import shard_name
+from .storage import is_remote, join_key, open_storage
+from .workspace import MANIFEST, Run
 
-KEPT_FILE = "filter/shard-00000-of-00001.jsonl"
-DROPPED_FILE = "filter/dropped.jsonl"
-SUMMARY_FILE = "filter/summary.json"
-EVALUATE_FILE = "evaluate/shard-00000-of-00001.json"
-FUSION_FILE = "train/fusion.json"
-MANIFEST_FILE = "manifest.json"
+# Files of the one-shard stages filter and train (besides the filter's kept rows, its shard file).
+DROPPED_FILE = "dropped.jsonl"
+SUMMARY_FILE = "summary.json"
+FUSION_FILE = "fusion.json"
 
 BASELINE = "bm25"
 MAIN_MEASURE = "nDCG@10"
@@ -47,65 +51,25 @@ NOT_AVAILABLE = "not available yet"
 # --------------------------------------------------------------------------- reading
 
 
-def _is_local(run: str) -> bool:
-    return "://" not in run or run.startswith("file://")
-
-
-def _local_path(run: str) -> Path:
-    return Path(run[len("file://") :] if run.startswith("file://") else run)
-
-
-def _read(run: str, relpath: str) -> bytes | None:
-    """The bytes of ``<run>/<relpath>``, or None when the file does not exist (yet).
-
-    A local folder is read directly; any other URI (gs://...) goes through :mod:`inpars.storage`.
-    """
-    if _is_local(run):
-        path = _local_path(run) / relpath
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-    from .storage import (
-        open_storage,  # remote runs (gs://) read through the storage interface
-    )
-
-    try:
-        return open_storage(run).read_bytes(relpath)
-    except FileNotFoundError:
+def _open_run(run: str) -> Run | None:
+    """The run at ``run`` (a folder or a gs:// URI), or None when it has no manifest yet."""
+    if not open_storage(run).exists(MANIFEST):
         return None
+    return Run.open(run)
 
 
-def _where(run: str, relpath: str) -> str:
-    return f"{run.rstrip('/')}/{relpath}"
-
-
-def _read_json(run: str, relpath: str) -> Any | None:
-    data = _read(run, relpath)
-    if data is None:
-        return None
+def _parse_json(data: bytes, where: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"malformed JSON ({e})", path=_where(run, relpath)) from None
+        raise InputError(f"malformed JSON ({e})", path=where) from None
 
 
-def _read_jsonl(run: str, relpath: str) -> list[dict] | None:
-    data = _read(run, relpath)
-    if data is None:
+def _committed_json(run: Run, stage: str, name: str) -> Any | None:
+    """A committed JSON file of a one-shard stage (verified), or None when the stage has not committed it."""
+    if not run.has_file(stage, name):
         return None
-    rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON ({e.msg})", path=_where(run, relpath), line=lineno) from None
-        if not isinstance(row, dict):
-            raise InputError("expected a JSON object", path=_where(run, relpath), line=lineno)
-        rows.append(row)
-    return rows
+    return _parse_json(run.read_file(stage, name), run.storage.uri(join_key(stage, name)))
 
 
 # --------------------------------------------------------------------------- data
@@ -168,20 +132,30 @@ def _comparisons(evaluation: dict | None) -> list[Comparison]:
 
 
 def load_report_data(run: str) -> ReportData:
-    """Everything the report shows; a piece a stage has not written yet is None."""
+    """Everything the report shows, read through :class:`inpars.workspace.Run` (committed files are
+    verified against their records); a piece a stage has not committed yet is None."""
     run = str(run)
-    manifest = _read_json(run, MANIFEST_FILE)
-    evaluation = _read_json(run, EVALUATE_FILE)
+    opened = _open_run(run)
+    manifest = summary = kept = dropped = evaluation = fusion = None
+    if opened is not None:
+        manifest = _parse_json(opened.storage.read_bytes(MANIFEST), opened.storage.uri(MANIFEST))
+        if opened.shard_done("filter", 0, 1):
+            kept = list(opened.iter_rows("filter", 1))
+            if opened.has_file("filter", DROPPED_FILE):
+                dropped = list(opened.iter_rows("filter", 1, name=DROPPED_FILE))
+        summary = _committed_json(opened, "filter", SUMMARY_FILE)
+        evaluation = _committed_json(opened, "evaluate", shard_name(0, 1, "json"))
+        fusion = _committed_json(opened, "train", FUSION_FILE)
     run_id = (manifest or {}).get("run_id") or os.path.basename(run.rstrip("/")) or run
     return ReportData(
         run=run,
         run_id=str(run_id),
         manifest=manifest,
-        summary=_read_json(run, SUMMARY_FILE),
-        kept=_read_jsonl(run, KEPT_FILE),
-        dropped=_read_jsonl(run, DROPPED_FILE),
+        summary=summary,
+        kept=kept,
+        dropped=dropped,
         evaluation=evaluation,
-        fusion=_read_json(run, FUSION_FILE),
+        fusion=fusion,
         comparisons=_comparisons(evaluation),
     )
 
@@ -508,8 +482,8 @@ def make_plots(d: ReportData) -> dict[str, bytes]:
 
 def default_out_dir(run: str) -> Path:
     """``<run>/report/`` for a local run; ``./report-<run-id>/`` for a remote one."""
-    if _is_local(run):
-        return _local_path(run) / "report"
+    if not is_remote(run):
+        return Path(run.removeprefix("file://")) / "report"
     return Path.cwd() / f"report-{os.path.basename(run.rstrip('/'))}"
 
 
@@ -531,7 +505,6 @@ def write_report(run: str | os.PathLike, out_dir: str | Path | None = None) -> P
         elif path.exists():
             path.unlink()  # a plot from an earlier report whose data is gone would mislead
     html_path = out / "report.html"
-    tmp = html_path.with_name(f".report.html.tmp-{os.getpid()}")
-    tmp.write_text(render_html(data, pngs), encoding="utf-8")
-    os.replace(tmp, html_path)
+    with atomic_write(html_path) as f:
+        f.write(render_html(data, pngs))
     return html_path

@@ -15,9 +15,9 @@ import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 from .errors import ConfigError, InputError
+from .files import atomic_write
 
 Run = dict[str, dict[str, float]]
 
@@ -86,11 +86,8 @@ def format_run(run: Mapping[str, Mapping[str, float]], tag: str = "inpars") -> s
 
 def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, tag: str = "inpars") -> None:
     """Write :func:`format_run` text atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(format_run(run, tag), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(format_run(run, tag))
 
 
 # --------------------------------------------------------------------------- arithmetic

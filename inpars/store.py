@@ -36,6 +36,7 @@ import numpy as np
 
 from .corpus import Document, iter_corpus_lines, resolve_corpus_file
 from .errors import InputError
+from .files import atomic_write, file_sha256
 
 FORMAT = "inpars-store/1"
 DOCUMENTS_FILE = "documents.arrow"
@@ -325,15 +326,6 @@ class StoreInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """sha256 of a file, read in blocks (never whole into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _describe(path: str | None, line: int | None, row: int) -> str:
     if line is not None and line >= 0:
         return f"{path}:{line}" if path else f"line {line}"
@@ -442,9 +434,8 @@ def write_store(
         for p in written:
             p.unlink(missing_ok=True)
         raise
-    tmp = folder / f".{INFO_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / INFO_FILE)
+    with atomic_write(folder / INFO_FILE) as f:
+        f.write(json.dumps(info.to_json(), indent=1) + "\n")
     return info
 
 
@@ -658,7 +649,6 @@ __all__ = [
     "MappedFile",
     "MappedTable",
     "StoreInfo",
-    "file_sha256",
     "hash_strings",
     "store_files",
     "verify_store",

@@ -45,6 +45,7 @@ from . import __version__
 from .config import PipelineConfig
 from .corpus import dumps_row, parse_jsonl_lines
 from .errors import InParsError, InputError
+from .files import file_sha256
 from .leases import Lease
 from .secrets import find_secret, named_secrets
 from .shards import shard_name, shard_range
@@ -111,14 +112,6 @@ def _rows(rows: int | None, stats: dict | None, ext: str, data: bytes | os.PathL
         return _count_lines(data)
     with open(data, "rb") as f:  # a file main output: streamed, never read whole
         return sum(1 for line in f if line.strip())
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scratch_root() -> Path:
@@ -489,7 +482,7 @@ class Run:
                 self.scan(value, self.storage.uri(key))
             created = self.storage.create_if_absent(key, value)
         else:
-            size, digest = value.stat().st_size, _file_sha256(value)
+            size, digest = value.stat().st_size, file_sha256(value)
             if name.endswith(TEXT_SUFFIXES):
                 self.scan(value.read_bytes(), self.storage.uri(key))
             created = self.storage.upload_file(key, value)
@@ -516,7 +509,7 @@ class Run:
 
     def _sha256_of(self, key: str) -> str:
         if self.is_local:
-            return _file_sha256(Path(self.storage.uri(key)))
+            return file_sha256(Path(self.storage.uri(key)))
         with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
             return self.storage.download_file(key, Path(tmp) / "blob")
 
@@ -613,9 +606,9 @@ class Run:
             if self.is_local and into is None:
                 if not target.is_file():
                     raise InParsError(f"{target} is listed in its record but missing: run `inpars-launch verify` and resume")
-                digest = _file_sha256(target)
+                digest = file_sha256(target)
                 self.bytes_read += entry["bytes"]  # read whole to verify it
-            elif target.is_file() and target.stat().st_size == entry["bytes"] and _file_sha256(target) == entry["sha256"]:
+            elif target.is_file() and target.stat().st_size == entry["bytes"] and file_sha256(target) == entry["sha256"]:
                 continue  # fetched before by this pod
             else:
                 try:

@@ -229,7 +229,7 @@ def test_beir_again_after_a_crash_redoes_nothing_finished_and_reports_the_missin
 
     # 1. nfcorpus crashes at negatives (generate and filter committed); only transient failures: exit 75.
     crashing = CommittingExecutor(crash={"nfcorpus": "negatives"})
-    monkeypatch.setattr(cli, "_executor", lambda backend, **kw: crashing)
+    monkeypatch.setattr(cli, "make_executor", lambda backend, **kw: crashing)
     first = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,fiqa"])
     assert first.exit_code == 75, first.output
     assert crashing.stages("nfcorpus") == ["prepare", "generate", "filter", "negatives"]
@@ -248,7 +248,7 @@ def test_beir_again_after_a_crash_redoes_nothing_finished_and_reports_the_missin
     # 2. Again, with bioasq (no corpus in the mirror): nothing finished is redone, nfcorpus resumes at
     #    negatives, bioasq is reported missing while the others run; a missing dataset: exit 42.
     counting = CommittingExecutor()
-    monkeypatch.setattr(cli, "_executor", lambda backend, **kw: counting)
+    monkeypatch.setattr(cli, "make_executor", lambda backend, **kw: counting)
     second = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,fiqa,bioasq"])
     assert second.exit_code == 42, second.output
     assert counting.stages("scifact") == [] and counting.stages("fiqa") == []  # nothing run, nothing paid twice

@@ -222,7 +222,7 @@ def test_gguf_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
     """A reinstalled package (same bytes, new mtime) reuses its conversion; other bytes get their own."""
     import os
 
-    from inpars.backends.transformers_backend import _gguf_cache_dir
+    from inpars.backends.transformers_backend import gguf_cache_dir
     from inpars.models import ModelSource
 
     monkeypatch.setenv("INPARS_CACHE", str(tmp_path / "cache"))
@@ -236,7 +236,7 @@ def test_gguf_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
     with open(paths[2], "r+b") as f:  # same name and size, one byte changed in the middle
         f.seek(len(blob) // 2)
         f.write(b"\xff")
-    keys = [_gguf_cache_dir(ModelSource(str(p.parent), p.name)) for p in paths]
+    keys = [gguf_cache_dir(ModelSource(str(p.parent), p.name)) for p in paths]
     assert keys[0] == keys[1] != keys[2] and keys[0].parent == tmp_path / "cache" / "gguf"
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +23,14 @@ kmock = pytest.importorskip("kmock")
 from kubernetes import client  # noqa: E402
 
 from inpars.config import PipelineConfig, ResourcesConfig  # noqa: E402
-from inpars.launch.k8s import JobDeletedError, JobFailedError, JobStuckError, K8sExecutor  # noqa: E402
+from inpars.launch.driver import StageFailed, StageOutcome, drive  # noqa: E402
+from inpars.launch.k8s import JobDeletedError, JobFailedError, JobProgress, JobStuckError, K8sExecutor  # noqa: E402
 from inpars.launch.k8s_manifests import COMPLETION_INDEX_LABEL, JOB_NAME_LABEL, format_indexes, parse_indexes  # noqa: E402
 from inpars.launch.kueue import QueueRefusedError  # noqa: E402
-from inpars.launch.plan import StageJob, plan_pipeline  # noqa: E402
-from inpars.shards import SHARD_INDEXES_ENV  # noqa: E402
+from inpars.launch.plan import StageJob  # noqa: E402
+from inpars.pipeline import get_stage  # noqa: E402
+from inpars.shards import SHARD_COUNT_ENV, SHARD_INDEXES_ENV  # noqa: E402
+from inpars.workspace import Run  # noqa: E402
 
 NS = "inpars"
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,23 +245,22 @@ def test_restarted_launcher_adopts_the_running_job(api):
     assert list(jobs_in(api)) == [name]  # nothing new was submitted
 
 
-class FakeRun:
-    """The workspace's view (what inpars.workspace.Run answers): committed shards per stage."""
-
-    def __init__(self, run_id: str, done: dict[str, set[int]]):
-        self.run_id, self.done = run_id, done
-        self.lock = threading.Lock()
-
-    def missing_shards(self, stage: str, n: int) -> list[int]:
-        with self.lock:
-            return [i for i in range(n) if i not in self.done.get(stage, set())]
-
-    def commit(self, stage: str, shards: list[int]) -> None:
-        with self.lock:
-            self.done.setdefault(stage, set()).update(shards)
+def make_run(root: Path, run_id: str, done: dict[str, set[int]], **settings) -> Run:
+    """A real run in a local workspace, with the ``done`` shards of each stage committed (prepare always:
+    these scenarios are about the stages after it)."""
+    run = Run.create(str(root), PipelineConfig().override(settings), run_id)
+    for stage, shards in {"prepare": {0}, **done}.items():
+        commit_shards(run, stage, shards, get_stage(stage).shards(run.config))
+    return run
 
 
-def auto_controller(api: client.ApiClient, run: FakeRun | None, stop: threading.Event, lose: set[str] = frozenset()) -> None:
+def commit_shards(run: Run, stage: str, shards: Iterable[int], count: int) -> None:
+    """What a stage's pods do when they finish: commit their shards to the workspace."""
+    for i in shards:
+        run.commit_shard(stage, i, count, f'{{"{stage}": {i}}}\n'.encode())
+
+
+def auto_controller(api: client.ApiClient, run: Run | None, stop: threading.Event, lose: set[str] = frozenset()) -> None:
     """Completes every Job it sees; its pods 'commit' their shards to the workspace."""
     handled: set[str] = set()
     while not stop.is_set():
@@ -269,24 +271,30 @@ def auto_controller(api: client.ApiClient, run: FakeRun | None, stop: threading.
             stage = obj["metadata"]["labels"]["inpars.io/stage"]
             shards = parse_indexes(obj["metadata"]["annotations"]["inpars.io/shard-indexes"])
             if run is not None and stage not in lose:
-                run.commit(stage, shards)
+                env = {e["name"]: e.get("value") for e in obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+                commit_shards(run, stage, shards, int(env[SHARD_COUNT_ENV]))
             n = obj["spec"]["completions"]
             set_status(api, name, {"completedIndexes": format_indexes(range(n)), "conditions": [{"type": "Complete", "status": "True"}]})
         time.sleep(0.05)
 
 
-def test_run_pipeline_skips_done_stages_and_resumes_missing_shards(api):
-    config = PipelineConfig().override({"generate.shards": 4, "negatives.shards": 4})
-    jobs = plan_pipeline(config, "gs://b/runs/r1")
-    run = FakeRun("r1", {"prepare": {0}, "generate": {0, 1, 2, 3}, "filter": {0}, "negatives": {0, 2}})
+def ran(outcomes: list[StageOutcome]) -> list[JobProgress]:
+    """What the K8s executor reported for each stage the driver ran (skipped stages left out)."""
+    return [o.result for o in outcomes if o.status == "done"]
+
+
+def test_drive_skips_done_stages_and_resumes_missing_shards(api, tmp_path):
+    done = {"generate": {0, 1, 2, 3}, "filter": {0}, "negatives": {0, 2}}
+    run = make_run(tmp_path, "r1", done, **{"generate.shards": 4, "negatives.shards": 4})
     stop = threading.Event()
     t = in_thread(lambda: auto_controller(api, run, stop))
     messages: list[str] = []
     try:
-        done = executor(api).run_pipeline(jobs, run, log=messages.append)
+        outcomes = drive(run, executor(api, log=messages.append), say=messages.append)
     finally:
         stop.set()
         t.join(5)
+    done = ran(outcomes)
     submitted = jobs_in(api)
     stages = {o["metadata"]["labels"]["inpars.io/stage"]: o for o in submitted.values()}
     assert set(stages) == {"negatives", "train", "rerank", "evaluate"}  # prepare, generate, filter: done already
@@ -298,28 +306,27 @@ def test_run_pipeline_skips_done_stages_and_resumes_missing_shards(api):
     assert [p.stage for p in done] == ["negatives", "train", "rerank", "evaluate"]
     assert done[0].completed == [1, 3]  # reported as real shard numbers
     assert run.missing_shards("negatives", 4) == []
-    assert any("resuming 2 of 4 shards (1,3)" in m for m in messages)
-    assert any("generate: all 4 shards done, skipped" in m for m in messages)
+    assert "negatives: 2 of 4 shard(s) to run" in messages
+    assert "generate: all 4 shard(s) committed, skipped" in messages
 
 
-def test_run_pipeline_trusts_the_workspace_over_the_job(api):
-    jobs = [stage_job("generate", shards=2), stage_job("filter", shards=1)]
-    run = FakeRun("r2", {})
+def test_drive_trusts_the_workspace_over_the_job(api, tmp_path):
+    run = make_run(tmp_path, "r2", {}, **{"generate.shards": 2})
     stop = threading.Event()
     t = in_thread(lambda: auto_controller(api, run, stop, lose={"generate"}))
     try:
-        with pytest.raises(JobFailedError, match="not in the workspace"):
-            executor(api).run_pipeline(jobs, run)
+        with pytest.raises(StageFailed, match="not committed in the workspace"):
+            drive(run, executor(api), until="filter")
     finally:
         stop.set()
         t.join(5)
     assert [o["metadata"]["labels"]["inpars.io/stage"] for o in jobs_in(api).values()] == ["generate"]  # stopped there
     # The next launch submits a fresh attempt (the finished Job keeps its name until its TTL).
-    run.commit("generate", [0])
+    commit_shards(run, "generate", [0], 2)
     stop2 = threading.Event()
     t2 = in_thread(lambda: auto_controller(api, run, stop2))
     try:
-        executor(api).run_pipeline(jobs, run)
+        drive(run, executor(api), until="filter")
     finally:
         stop2.set()
         t2.join(5)
@@ -559,19 +566,19 @@ def break_watches(server: KMockServer) -> None:
     server.handler[kmock.action.WATCH] << 503
 
 
-def test_a_job_gone_by_ttl_whose_shards_are_committed_is_done(api, server):
+def test_a_job_gone_by_ttl_whose_shards_are_committed_is_done(api, server, tmp_path):
     break_watches(server)
-    run = FakeRun("rt", {})
+    run = make_run(tmp_path, "rt", {}, **{"generate.shards": 2})
     messages: list[str] = []
 
     def controller() -> None:  # the Job finishes and its TTL removes it while nobody watches
         [name] = wait_for(lambda: list(jobs_in(api)))
         time.sleep(0.3)
-        run.commit("generate", [0, 1])
+        commit_shards(run, "generate", [0, 1], 2)
         client.BatchV1Api(api).delete_namespaced_job(name, NS)
 
     t = in_thread(controller)
-    done = executor(api, ttl_seconds=0, log=messages.append).run_pipeline([stage_job("generate", 2)], run, log=messages.append)
+    done = ran(drive(run, executor(api, ttl_seconds=0, log=messages.append), until="generate", say=messages.append))
     t.join(5)
     assert not t.errors
     assert [p.reason for p in done] == ["Committed"] and done[0].completed == [0, 1]
@@ -579,9 +586,9 @@ def test_a_job_gone_by_ttl_whose_shards_are_committed_is_done(api, server):
     assert len(server.handler["post"]) == 1  # nothing was submitted again
 
 
-def test_a_job_gone_by_ttl_without_its_shards_is_submitted_again(api, server):
+def test_a_job_gone_by_ttl_without_its_shards_is_submitted_again(api, server, tmp_path):
     break_watches(server)
-    run = FakeRun("rt2", {"generate": {1}})
+    run = make_run(tmp_path, "rt2", {"generate": {1}}, **{"generate.shards": 3})
     messages: list[str] = []
     stop = threading.Event()
 
@@ -594,7 +601,7 @@ def test_a_job_gone_by_ttl_without_its_shards_is_submitted_again(api, server):
 
     t = in_thread(controller)
     try:
-        done = executor(api, ttl_seconds=0, log=messages.append).run_pipeline([stage_job("generate", 3)], run, log=messages.append)
+        done = ran(drive(run, executor(api, ttl_seconds=0, log=messages.append), until="generate", say=messages.append))
     finally:
         stop.set()
         t.join(5)
@@ -605,7 +612,7 @@ def test_a_job_gone_by_ttl_without_its_shards_is_submitted_again(api, server):
     assert done[0].state == "complete" and run.missing_shards("generate", 3) == []
 
 
-def test_a_job_gone_soon_after_it_was_seen_running_was_deleted_not_expired(api, server):
+def test_a_job_gone_soon_after_it_was_seen_running_was_deleted_not_expired(api, server, tmp_path):
     break_watches(server)
     ex = executor(api)  # TTL one day: a Job seen running a moment ago cannot have expired
     job = stage_job("generate", 2)
@@ -617,7 +624,7 @@ def test_a_job_gone_soon_after_it_was_seen_running_was_deleted_not_expired(api, 
 
     t = in_thread(controller)
     with pytest.raises(JobDeletedError, match="deleted before it finished"):
-        ex.run_stage(job, "rg", [0, 1], workspace=FakeRun("rg", {}))
+        ex.run_stage(job, "rg", [0, 1], workspace=make_run(tmp_path, "rg", {}, **{"generate.shards": 2}))
     t.join(5)
     assert len(server.handler["post"]) == 1
 
@@ -715,7 +722,6 @@ def job_posts(server: KMockServer) -> list:
 
 def test_a_driver_restarted_mid_stage_adopts_the_live_job_and_finishes(api, server, gcs_uri, tmp_path, monkeypatch):
     from inpars.launch.driver import DriverBusy, drive_exclusively, driver_holder
-    from inpars.workspace import Run
 
     monkeypatch.setenv("INPARS_LEASE_SECONDS", "1")  # a dead driver's lease expires within a second
     run = Run.create(gcs_uri, PipelineConfig().override({"generate.shards": 2}), "restart-1")
@@ -751,7 +757,6 @@ def test_a_driver_restarted_mid_stage_adopts_the_live_job_and_finishes(api, serv
 
 def test_a_second_driver_waits_for_a_dead_ones_lease_then_takes_over(gcs_uri, monkeypatch):
     from inpars.launch.driver import DriverBusy, driver_holder, driver_lease, exclusive_driver
-    from inpars.workspace import Run
 
     monkeypatch.setenv("INPARS_LEASE_SECONDS", "1")
     run = Run.create(gcs_uri, PipelineConfig(), "lease-1")
@@ -792,7 +797,6 @@ def test_run_detach_creates_the_run_and_submits_a_validated_driver(api, server, 
     from typer.testing import CliRunner
 
     from inpars.launch.cli import app
-    from inpars.workspace import Run
 
     secret = "sk-test-never-in-a-manifest-4242"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -833,7 +837,6 @@ def test_detach_is_refused_while_another_driver_holds_the_run(api, server, gcs_u
 
     from inpars.launch.cli import app
     from inpars.launch.driver import exclusive_driver
-    from inpars.workspace import Run
 
     use_kubeconfig(monkeypatch, tmp_path, server)
     run = Run.create(gcs_uri, PipelineConfig(), "held-1")
@@ -894,7 +897,6 @@ def test_beir_detach_pins_every_run_and_submits_one_driver(api, server, gcs_uri,
 
     from inpars.launch.cli import app
     from inpars.storage import open_storage
-    from inpars.workspace import Run
 
     use_kubeconfig(monkeypatch, tmp_path, server)
     sample = ROOT / "inpars" / "data" / "scifact-sample" / "corpus.jsonl"

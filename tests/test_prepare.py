@@ -59,7 +59,7 @@ def prepared_run(tmp_path: Path, corpus: Path, run_id: str = "r"):
 
 
 def test_the_prepare_stage_pins_the_corpus_and_commits_store_index_and_statistics(tmp_path):
-    from inpars.store import file_sha256
+    from inpars.files import file_sha256
     from inpars.workers import prepared
 
     corpus = small_corpus(tmp_path / "corpus.jsonl", 40)

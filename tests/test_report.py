@@ -1,4 +1,4 @@
-"""`inpars report`: a self-contained HTML page over a synthetic run folder written with the DESIGN.md schemas."""
+"""`inpars report`: a self-contained HTML page over a synthetic run committed through the workspace (DESIGN.md schemas)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from inpars.config import PipelineConfig
-from inpars.errors import InputError
-from inpars.report import compare_per_query, write_report
+from inpars.errors import InParsError, InputError
+from inpars.report import compare_per_query, load_report_data, write_report
+from inpars.workspace import Run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPT_QUERY = 'what does <script>alert("x")</script> & co do'
@@ -42,31 +43,17 @@ def _row(i: int, query: str, doc_text: str, **extra) -> dict:
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
 
 
 def _aggregate(per_query: dict[str, float]) -> dict[str, float]:
     return {"nDCG@10": sum(per_query.values()) / len(per_query), "RR@10": 0.5}
 
 
-def make_run(root: Path, *, with_evaluate: bool = True) -> Path:
-    run = root / "runs" / "run-abc"
-    run.mkdir(parents=True)
-    config = PipelineConfig().to_dict()
-    (run / "manifest.json").write_text(
-        json.dumps(
-            {
-                "run_id": "run-abc",
-                "config": config,
-                "code_version": "0.1.0",
-                "model": {"name": "smollm2-135m", "revision": "pkg"},
-                "prompt": "inpars",
-                "seed": 0,
-            }
-        )
-    )
+def make_run(root: Path | str, *, with_evaluate: bool = True, dropped_extra: bytes = b"") -> Path | str:
+    """A run whose filter (and evaluate) shards are committed through the workspace, as workers do."""
+    run = Run.create(str(root), PipelineConfig(), run_id="run-abc")
     kept = [_row(i, f"what is kept query number {i}", f"document {i} text", score=-0.5 - i / 20) for i in range(12)]
     kept[0]["doc_text"] = LONG_DOC
     dropped = [
@@ -76,30 +63,24 @@ def make_run(root: Path, *, with_evaluate: bool = True) -> Path:
         _row(23, "short", "doc 23", drop_reason="too_short"),  # dropped before scoring: no score
         _row(24, "document 24 text", "document 24 text", drop_reason="copy"),
     ]
-    _write_jsonl(run / "filter" / "shard-00000-of-00001.jsonl", kept)
-    _write_jsonl(run / "filter" / "dropped.jsonl", dropped)
-    (run / "filter" / "summary.json").write_text(
-        json.dumps(
-            {
-                "strategy": "scores",
-                "aggregate": "mean",
-                "n_in": 17,
-                "n_kept": 12,
-                "dropped_by_reason": {"score": 3, "too_short": 1, "copy": 1},
-                "threshold": -1.2345,
-            }
-        )
-    )
+    summary = {
+        "strategy": "scores",
+        "aggregate": "mean",
+        "n_in": 17,
+        "n_kept": 12,
+        "dropped_by_reason": {"score": 3, "too_short": 1, "copy": 1},
+        "threshold": -1.2345,
+    }
+    files = {"dropped.jsonl": _jsonl(dropped) + dropped_extra, "summary.json": json.dumps(summary).encode()}
+    run.commit_shard("filter", 0, 1, _jsonl(kept), files=files, stats=summary)
     if with_evaluate:
         systems = {
             name: {"aggregate": _aggregate(pq), "per_query": {"nDCG@10": pq, "RR@10": pq}}
             for name, pq in (("bm25", BM25), ("reranked", RERANKED), ("fused", FUSED))
         }
-        (run / "evaluate").mkdir()
-        (run / "evaluate" / "shard-00000-of-00001.json").write_text(
-            json.dumps({"systems": systems, "excluded_queries": ["q9"], "bootstrap": {"reranked": {"p_value": 0.2}}})
-        )
-    return run
+        body = {"systems": systems, "excluded_queries": ["q9"], "bootstrap": {"reranked": {"p_value": 0.2}}}
+        run.commit_shard("evaluate", 0, 1, json.dumps(body).encode(), ext="json")
+    return Path(run.uri) if run.is_local else run.uri
 
 
 def _cells(*values) -> str:
@@ -155,7 +136,7 @@ def test_stale_plot_removed_and_empty_run(tmp_path):
     out = tmp_path / "out"
     write_report(run, out)
     assert (out / "per_query_ndcg.png").exists()
-    (run / "evaluate" / "shard-00000-of-00001.json").unlink()
+    Run.open(str(run)).invalidate("evaluate", 0, 1, "set aside by the test")  # evaluate no longer committed
     write_report(run, out)
     assert not (out / "per_query_ndcg.png").exists()
 
@@ -170,9 +151,7 @@ def test_stale_plot_removed_and_empty_run(tmp_path):
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
-    run = make_run(tmp_path)
-    with open(run / "filter" / "dropped.jsonl", "a") as f:
-        f.write("{not json\n")
+    run = make_run(tmp_path, dropped_extra=b"{not json\n")
     with pytest.raises(InputError, match=r"dropped\.jsonl:6"):
         write_report(run)
 
@@ -180,3 +159,35 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_compare_per_query_counts_only_common_queries():
     comp = compare_per_query({"a": 0.1, "b": 0.5, "c": 0.2}, {"a": 0.3, "b": 0.5, "d": 1.0}, "reranked")
     assert (comp.wins, comp.losses, comp.ties, comp.only_one_side) == (1, 0, 1, 2)
+
+
+def test_tampered_committed_file_is_refused(tmp_path):
+    """The report reads through the workspace: a committed file that no longer matches its record is an error."""
+    run = make_run(tmp_path)
+    summary = run / "filter" / "summary.json"
+    summary.write_text(summary.read_text(encoding="utf-8").replace("-1.2345", "-9.9999"), encoding="utf-8")
+    with pytest.raises(InParsError, match=r"summary\.json does not match the sha256 in its record"):
+        write_report(run, tmp_path / "out")
+
+
+def test_uncommitted_filter_files_are_not_reported(tmp_path):
+    """Files a filter attempt left without a record are not the run's output yet."""
+    run = Run.create(str(tmp_path), PipelineConfig(), run_id="run-abc")
+    run.storage.write_bytes("filter/shard-00000-of-00001.jsonl", _jsonl([_row(1, "an uncommitted query", "doc")]))
+    page = write_report(run.uri, tmp_path / "out").read_text(encoding="utf-8")
+    assert "filter output: not available yet" in page
+    assert "an uncommitted query" not in page
+
+
+def test_gs_run_is_reported_like_a_local_one(tmp_path, gcs_uri, monkeypatch):
+    local = load_report_data(str(make_run(tmp_path / "local")))
+    uri = make_run(gcs_uri)
+    remote = load_report_data(uri)
+    assert remote.run == uri and remote.run_id == "run-abc"
+    assert remote.kept == local.kept and remote.dropped == local.dropped and len(remote.kept) == 12
+    assert remote.summary == local.summary and remote.evaluation == local.evaluation
+    assert [c.wins for c in remote.comparisons] == [2, 3]
+    monkeypatch.chdir(tmp_path)
+    page = write_report(uri).read_text(encoding="utf-8")
+    assert (tmp_path / "report-run-abc" / "report.html").exists()
+    assert _cells("reranked", 5, 2, 1, 2) in page

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..files import file_sha256
 from ..models import ModelSource, resolve_model
 from ..storage import cache_root
 from .base import Generation, GenerationBackend
@@ -38,23 +39,19 @@ if TYPE_CHECKING:  # pragma: no cover
 # --------------------------------------------------------------------------- loading
 
 
-def _gguf_cache_dir(source: ModelSource) -> Path:
-    """Keyed by the file's sha256 (0.1-0.4 s for these files): reinstalling the same package reuses the
-    conversion, where an mtime key left a new ~0.5 GB copy per install, and a changed file never meets a
-    stale conversion."""
+def gguf_cache_dir(source: ModelSource) -> Path:
+    """The cache folder of a GGUF model's converted copy, keyed by the file's sha256 (0.1-0.4 s for
+    these files): reinstalling the same package reuses the conversion, where an mtime key left a new
+    ~0.5 GB copy per install, and a changed file never meets a stale conversion."""
     gguf = Path(source.name_or_path) / str(source.gguf_file)
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf, block=1 << 22)[:16]}"
 
 
 def _load_gguf(source: ModelSource):
     """Tokenizer and fp32 model from a GGUF file, via a cached safetensors conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _gguf_cache_dir(source)
+    cached = gguf_cache_dir(source)
     if (cached / "model.safetensors").is_file() and (cached / "config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(cached), AutoModelForCausalLM.from_pretrained(cached)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..corpus import Document
 from ..errors import InputError
+from ..files import atomic_write
 from ..runs import Run
 
 INDEX_META = "inpars_index.json"  # names the engine, so load_index() can dispatch; written last
@@ -85,7 +86,5 @@ def read_index_meta(directory: str | os.PathLike) -> dict:
 
 def write_index_meta(directory: str | os.PathLike, meta: dict) -> None:
     """Write ``inpars_index.json`` (atomically: it marks the folder as a complete index)."""
-    path = Path(directory) / INDEX_META
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(Path(directory) / INDEX_META) as f:
+        f.write(json.dumps(meta, indent=1))

@@ -32,6 +32,7 @@ Saved folder::
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -130,8 +131,8 @@ class BM25sIndex(BM25Index):
     @classmethod
     def is_available(cls) -> bool:
         try:
-            import bm25s  # noqa: F401
-            import Stemmer  # noqa: F401
+            for module in ("bm25s", "Stemmer"):
+                importlib.import_module(module)
         except ImportError:
             return False
         return True

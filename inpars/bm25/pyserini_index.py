@@ -81,7 +81,7 @@ def start_jvm() -> None:
         # Lucene 9 still calls sun.misc.Unsafe, which Java 24+ warns about on every start.
         options.append("--sun-misc-unsafe-memory-access=allow")
     jnius_config.set_options(*options)
-    import jnius  # noqa: F401  (importing pyjnius starts the JVM with the options above)
+    importlib.import_module("jnius")  # importing pyjnius starts the JVM with the options above
 
 
 _PYSERINI: tuple | None = None  # (LuceneSearcher, LuceneIndexer, WhitespaceAnalyzer) once imported

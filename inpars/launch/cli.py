@@ -53,22 +53,7 @@ def _k8s_executor(
     return K8sExecutor(namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
 
 
-class K8sShards:
-    """The driver's executor over Kubernetes Jobs (one Indexed Job per stage, resume Jobs for the rest)."""
-
-    def __init__(self, executor):
-        self.executor = executor
-
-    def run_shards(self, job, shards, run):
-        from .k8s import JobFailedError
-
-        try:
-            return self.executor.run_stage(job, run.run_id, list(shards), lambda p: console.print(str(p), highlight=False), workspace=run)
-        except JobFailedError as e:
-            raise StageFailed(str(e), permanent=False) from None
-
-
-def _executor(
+def make_executor(
     backend: str,
     *,
     parallel: int,
@@ -83,7 +68,7 @@ def _executor(
 
         return LocalExecutor(max_parallel=parallel)
     if backend == "k8s":
-        return K8sShards(_k8s_executor(namespace, image, queue, cfg, max_parallel_pods))
+        return _k8s_executor(namespace, image, queue, cfg, max_parallel_pods)
     raise InParsError(f"unknown backend {backend!r}: local | k8s")
 
 
@@ -100,7 +85,7 @@ def _execute(
 ):
     """Drive the run; print the summary; exit 42 (permanent) or 75 (transient) when a stage failed."""
     started = time.monotonic()
-    executor = _executor(
+    executor = make_executor(
         backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=run_.config, max_parallel_pods=max_parallel_pods
     )
     try:
@@ -440,7 +425,7 @@ def beir(
 
     def start(cfg: PipelineConfig):
         run_ = opened.get(cfg.data.name) or lib.open_run(workspace, cfg)
-        executor = _executor(
+        executor = make_executor(
             backend, parallel=parallel, namespace=namespace, image=image, queue=queue, cfg=cfg, max_parallel_pods=max_parallel_pods
         )
         drive_exclusively(run_, executor, say=lambda text: console.print(f"{cfg.data.name}: {text}", highlight=False))

@@ -108,6 +108,7 @@ class StageOutcome:
     ran: list[int] = field(default_factory=list)
     redone: list[int] = field(default_factory=list)  # shards set aside as invalid and redone
     seconds: float = 0.0
+    result: object = None  # what the executor reported for the shards it ran (its own type)
 
 
 def plan_run(run: Run, *, until: str | None = None, max_retries: int = 3) -> list[StageJob]:
@@ -153,7 +154,7 @@ def drive(
         if lease is not None:
             lease.check()
         try:
-            executor.run_shards(job, missing, run)
+            result = executor.run_shards(job, missing, run)
         except StageFailed:
             # A worker may have failed on a corrupted input (a flipped byte keeps the size, so only a
             # reader's sha256 check sees it): check the inputs fully, set bad shards aside, redo them.
@@ -167,7 +168,7 @@ def drive(
                 "in the workspace; resume the run",
                 permanent=False,
             )
-        outcome.status, outcome.ran, outcome.seconds = "done", list(missing), time.monotonic() - started
+        outcome.status, outcome.ran, outcome.seconds, outcome.result = "done", list(missing), time.monotonic() - started, result
         outcomes.append(outcome)
     return outcomes
 
@@ -181,7 +182,7 @@ def check_pinned_corpus(run: Run) -> None:
     """
     from ..corpus import resolve_corpus_file
     from ..datasets import builtin_folder
-    from ..store import file_sha256
+    from ..files import file_sha256
     from ..workspace import check_same_corpus
     from .plan import corpus_source_bytes
 

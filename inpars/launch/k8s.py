@@ -2,7 +2,9 @@
 
 Manifests come from :mod:`inpars.launch.k8s_manifests`. The workspace (a ``gs://`` prefix) is the
 truth about what is done; Jobs are only the means, so a launcher can die, restart, and pick its Jobs
-up again by label. What the executor asks the workspace is one question, :class:`CommittedShards`.
+up again by label. The driver (:func:`inpars.launch.driver.drive`) runs the stage loop and hands
+each stage's missing shards to :meth:`K8sExecutor.run_shards`; what the executor itself asks the
+workspace is one question, :class:`CommittedShards`.
 
 Watching: the watch API, reopened whenever a stream ends (server timeout, dropped connection, 410
 Gone); every ``check_interval`` seconds without news the Job is re-read and its pods looked at. Work
@@ -29,11 +31,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, TransientError
 from ..shards import SHARD_COUNT_ENV
 from . import kueue
+from .driver import StageFailed
 from .k8s_manifests import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_LABEL,
@@ -60,6 +63,9 @@ from .k8s_manifests import (
     stage_tpu_slice,
 )
 from .plan import StageJob
+
+if TYPE_CHECKING:
+    from ..workspace import Run
 
 CANCELLED_ANNOTATION = "inpars.io/cancelled"  # set by cancel() just before deleting: not a TTL
 
@@ -201,9 +207,6 @@ class CommittedShards(Protocol):
     stage are not committed yet."""
 
     def missing_shards(self, stage: str, n: int) -> list[int]: ...
-
-
-WorkspaceRun = CommittedShards  # the name run_pipeline's callers know
 
 
 def pod_waiting_reason(pod: Mapping[str, Any]) -> str | None:
@@ -821,52 +824,11 @@ class K8sExecutor:
             JobProgress(name, job.stage, run_id, job.shards, missing, failed=missing, state="failed", message=vanished), {}
         )
 
-    def run_pipeline(
-        self,
-        jobs: Sequence[StageJob],
-        run: CommittedShards,
-        *,
-        run_id: str | None = None,
-        on_progress: Callable[[JobProgress], None] | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> list[JobProgress]:
-        """Run the stages in order; the workspace decides what is left to do.
-
-        A stage whose shards are all committed is skipped; a partly done one runs only its missing
-        shards. After a Job completes, the workspace must agree (a Job can complete while a commit
-        was lost); otherwise this raises rather than start the next stage on partial input.
-        """
-        run_id = run_id or getattr(run, "run_id", None) or getattr(run, "id", None)
-        if not run_id:
-            raise ConfigError("run_pipeline needs a run id (pass run_id=)")
-        say = log or self.say
-        if on_progress is None:
-            on_progress = lambda p: say(str(p))  # noqa: E731
-        done = []
-        for job in jobs:
-            missing = sorted(run.missing_shards(job.stage, job.shards))
-            if not missing:
-                say(f"{job.stage}: all {job.shards} shards done, skipped")
-                continue
-            if len(missing) < job.shards:
-                say(f"{job.stage}: resuming {len(missing)} of {job.shards} shards ({format_indexes(missing)})")
-            progress = self.run_stage(job, run_id, missing, on_progress, workspace=run)
-            still = sorted(run.missing_shards(job.stage, job.shards))
-            if still:
-                raise JobFailedError(
-                    JobProgress(
-                        progress.name,
-                        job.stage,
-                        run_id,
-                        job.shards,
-                        progress.shards,
-                        failed=still,
-                        state="failed",
-                        reason="MissingOutput",
-                        message=f"the Job completed but shards {format_indexes(still)} are not in the workspace",
-                    ),
-                    {},
-                )
-            say(f"{job.stage}: done")
-            done.append(progress)
-        return done
+    def run_shards(self, job: StageJob, shards: Sequence[int], run: Run) -> JobProgress:
+        """The driver's executor (:func:`inpars.launch.driver.drive`): run ``shards`` of one stage as
+        a Job (:meth:`run_stage`, the workspace settling Jobs that vanished); a Job that failed is a
+        :class:`~inpars.launch.driver.StageFailed` (transient: a resume may succeed)."""
+        try:
+            return self.run_stage(job, run.run_id, list(shards), lambda p: self.say(str(p)), workspace=run)
+        except JobFailedError as e:
+            raise StageFailed(str(e), permanent=False) from None

@@ -233,7 +233,10 @@ def _run_stage(job, max_parallel, extra_env, emit, skip_done, run, log_dir, retr
     outcome: dict[int, ShardResult] = {}
     if skip_done is None and run is not None:
         missing = set(run.missing_shards(job.stage, job.shards))  # one listing, not one request per shard
-        skip_done = lambda stage, i: i not in missing  # noqa: E731
+
+        def skip_done(stage: str, i: int) -> bool:
+            return i not in missing
+
     for i in range(job.shards):
         if skip_done is not None and skip_done(job.stage, i):
             outcome[i] = ShardResult(i, "skipped")

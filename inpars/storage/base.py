@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
+from ..files import atomic_write
 
 
 class Storage(ABC):
@@ -79,7 +80,8 @@ class Storage(ABC):
     def download_file(self, key: str, path: str | os.PathLike) -> str:
         """Copy ``key`` into the local file ``path`` (atomically); returns the sha256 of what was written."""
         data = self.read_bytes(key)
-        _atomic_write(Path(path), data)
+        with atomic_write(path, "wb") as f:
+            f.write(data)
         return sha256_hex(data)
 
     # ------------------------------------------------------------------ generic helpers
@@ -161,45 +163,3 @@ def cache_root() -> Path:
 
         return Path(tempfile.gettempdir()) / "inpars-cache"
     return home / ".cache" / "inpars"
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a new name in ``folder`` (a link or a rename) durable: POSIX keeps it in the directory,
-    which needs its own fsync. Best effort where the platform cannot open folders."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Write and fsync ``path``, making its folder (again, if a concurrent delete pruned it)."""
-    for attempt in range(3):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return
-        except FileNotFoundError:  # the folder was pruned by a concurrent delete: make it again
-            if attempt == 2:
-                raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see a partial file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
-    try:
-        _write_new(tmp, data)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

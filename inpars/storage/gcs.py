@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, InParsError, TransientError
-from .base import Storage, _atomic_write, cache_root, check_key, join_key
+from ..files import atomic_write, file_sha256
+from .base import Storage, cache_root, check_key, join_key
 
 
 def _clients():
@@ -165,28 +166,18 @@ class GCSStorage(Storage):
 
     def download_file(self, key: str, path: str | os.PathLike) -> str:
         """Stream ``key`` into ``path`` (temp file + rename, never whole in memory); its sha256."""
-        import hashlib
 
         from google.api_core import exceptions
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
-        try:
+        with atomic_write(path, "wb") as f:
             with _errors(self.uri(key)):
                 try:
-                    with open(tmp, "wb") as f:
-                        self._blob(key).download_to_file(f, retry=self.retry)
+                    self._blob(key).download_to_file(f, retry=self.retry)
                 except exceptions.NotFound:
                     raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return digest.hexdigest()
+            f.flush()
+            digest = file_sha256(f.name)  # of what was written
+        return digest
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.prefix + "/" if self.prefix else ""
@@ -218,22 +209,19 @@ class GCSStorage(Storage):
             if target.exists() and stamp.exists() and stamp.read_text() == str(blob.generation):
                 return target
             # Streamed to disk (a corpus can be gigabytes), pinned to the generation just read.
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
-            try:
+            with atomic_write(target, "wb") as f:
                 for _ in range(3):
                     try:
-                        with open(tmp, "wb") as f:
-                            blob.download_to_file(f, if_generation_match=blob.generation, retry=self.retry)
+                        f.seek(0)
+                        f.truncate()
+                        blob.download_to_file(f, if_generation_match=blob.generation, retry=self.retry)
                         break
                     except exceptions.PreconditionFailed:  # replaced meanwhile: take the new one
                         blob = self.bucket.get_blob(name, retry=self.retry)
                         if blob is None:
                             raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-        _atomic_write(stamp, str(blob.generation).encode())
+        with atomic_write(stamp, "wb") as f:
+            f.write(str(blob.generation).encode())
         return target
 
 

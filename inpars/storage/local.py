@@ -21,9 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .base import Storage, _atomic_write, _write_new, check_key, fsync_dir
-
-TMP_PREFIX = ".tmp-"  # temp files being written; never listed
+from ..files import TMP_PREFIX, atomic_write, fsync_dir, fsync_file, open_new, temp_path_beside
+from .base import Storage, check_key
 
 
 class LocalStorage(Storage):
@@ -46,15 +45,19 @@ class LocalStorage(Storage):
             raise FileNotFoundError(f"{path} does not exist") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        _atomic_write(self._path(key), data)
+        with atomic_write(self._path(key), "wb") as f:
+            f.write(data)
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         if path.exists():  # cheap fast path; the link below is what makes it atomic
             return False
-        tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+        tmp = temp_path_beside(path)
         try:
-            _write_new(tmp, data)
+            with open_new(tmp) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             return _publish_new(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -63,15 +66,14 @@ class LocalStorage(Storage):
         target = self._path(key)
         if target.exists():
             return False
-        tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
+        tmp = temp_path_beside(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             try:
                 os.link(path, tmp)  # same filesystem: no copy (the source is never modified afterwards)
             except OSError:
                 shutil.copyfile(path, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
+                fsync_file(tmp)
             return _publish_new(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -80,17 +82,11 @@ class LocalStorage(Storage):
         source, target = self._path(key), Path(path)
         if not source.is_file():
             raise FileNotFoundError(f"{source} does not exist")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
         digest = hashlib.sha256()
-        try:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(block)
-                    dst.write(block)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
         return digest.hexdigest()
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
@@ -113,7 +109,8 @@ class LocalStorage(Storage):
                 if data is None:
                     path.unlink(missing_ok=True)
                 else:
-                    _atomic_write(path, data)
+                    with atomic_write(path, "wb") as f:
+                        f.write(data)
                 return True
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
