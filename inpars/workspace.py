@@ -122,6 +122,35 @@ def scratch_root() -> Path:
     return root
 
 
+# Large inputs (the prepared store and index: gigabytes at millions of documents) are hashed whole once
+# per machine, not once per shard: a stamp keyed by the file's sha256 remembers the file's identity when
+# it was verified (path, size, inode, mtime); a rewritten, replaced or resized file no longer matches it
+# and is hashed again. `inpars-launch verify` always hashes. Without this, every shard's fixed cost grew
+# with the corpus (about 2 s a GB).
+def _stamp_path(sha256: str) -> Path:
+    return scratch_root() / "verified" / sha256
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}\t{st.st_size}\t{st.st_ino}\t{st.st_mtime_ns}"
+
+
+def verified_before(path: Path, sha256: str) -> bool:
+    """Whether ``path`` was hashed to ``sha256`` on this machine and has not changed since."""
+    try:
+        return _file_identity(path) in _stamp_path(sha256).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+
+
+def mark_verified(path: Path, sha256: str) -> None:
+    stamp = _stamp_path(sha256)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    with open(stamp, "a", encoding="utf-8") as f:  # one line per verified copy; appends are atomic enough for a cache
+        f.write(_file_identity(path) + "\n")
+
+
 def check_same_corpus(pinned: Mapping[str, Any], sha256: str, where: str) -> None:
     """The one corpus-changed error: a run's samples, store and index must all come from one corpus."""
     if pinned.get("sha256") != sha256:
@@ -603,12 +632,15 @@ class Run:
         for rel, entry in sorted(entries.items()):
             target = base / rel
             key = join_key(stage, rel)
+            if target.is_file() and verified_before(target, entry["sha256"]):
+                continue  # hashed whole by an earlier reader on this machine, unchanged since
             if self.is_local and into is None:
                 if not target.is_file():
                     raise InParsError(f"{target} is listed in its record but missing: run `inpars-launch verify` and resume")
                 digest = file_sha256(target)
                 self.bytes_read += entry["bytes"]  # read whole to verify it
             elif target.is_file() and target.stat().st_size == entry["bytes"] and file_sha256(target) == entry["sha256"]:
+                mark_verified(target, entry["sha256"])
                 continue  # fetched before by this pod
             else:
                 try:
@@ -618,6 +650,7 @@ class Run:
                 self.bytes_read += entry["bytes"]
             if digest != entry["sha256"]:
                 raise InParsError(f"{self.storage.uri(key)} does not match the sha256 in its record: corrupted? run `inpars-launch verify`")
+            mark_verified(target, entry["sha256"])
         return base / name
 
     def iter_rows(

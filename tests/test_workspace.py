@@ -318,3 +318,21 @@ def test_iter_rows_reads_a_slice_of_the_whole_stage(tmp_path):
             assert [r["i"] for r in run.iter_rows("generate", 3, start=start, stop=stop)] == whole[start:stop]
     (Path(run.uri) / "generate" / "shard-00000-of-00003.jsonl").write_text("torn")
     assert [r["i"] for r in run.iter_rows("generate", 3, start=4, stop=6)] == [10, 11]  # shard 0 is never opened
+
+
+def test_fetch_hashes_a_large_input_once_per_machine_and_again_once_it_changed(tmp_path, monkeypatch):
+    from inpars import workspace
+
+    monkeypatch.setenv("INPARS_SCRATCH", str(tmp_path / "scratch"))
+    run = Run.create(str(tmp_path / "ws"), PipelineConfig(), "stamps")
+    run.commit_shard("prepare", 0, 1, b"{}", ext="json", files={"store/documents.arrow": b"x" * 4096})
+    hashed = []
+    real = workspace.file_sha256
+    monkeypatch.setattr(workspace, "file_sha256", lambda path, *a, **k: hashed.append(Path(path).name) or real(path, *a, **k))
+    for _ in range(3):  # three shards on one node
+        run.fetch("prepare", "store")
+    assert hashed == ["documents.arrow"]
+    target = Path(run.uri) / "prepare" / "store" / "documents.arrow"
+    target.write_bytes(b"y" + b"x" * 4095)  # a flipped byte, same size: hashed again, refused
+    with pytest.raises(InParsError, match="does not match the sha256"):
+        run.fetch("prepare", "store")
