@@ -202,6 +202,9 @@ class ResourcesConfig(Section):
 
     cpu: Quantity = "2"
     memory: Quantity = "8Gi"
+    # The pod's local disk (ephemeral-storage request and limit, and its /scratch volume's size). None:
+    # sized by the launcher from the prepared corpus (see inpars.pipeline.resources_for).
+    ephemeral_storage: Quantity | None = None
     gpu: NonNegative = 0
     gpu_type: str | None = None  # e.g. nvidia-l4 (cloud.google.com/gke-accelerator)
     tpu_type: str | None = None  # e.g. tpu-v5-lite-podslice

@@ -36,9 +36,18 @@ def _one(config: PipelineConfig) -> int:
 
 STAGES: tuple[Stage, ...] = (
     Stage(
+        "prepare",
+        "inpars.workers:prepare_worker",
+        (),
+        _one,
+        None,
+        ResourcesConfig(cpu="2", memory="4Gi"),
+        "the document store, the BM25 index, evaluation queries and qrels, corpus statistics; pins the corpus",
+    ),
+    Stage(
         "generate",
         "inpars.workers:generate_worker",
-        (),
+        ("prepare",),
         lambda c: c.generate.shards,
         "document",
         ResourcesConfig(cpu="4", memory="16Gi"),
@@ -47,25 +56,25 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "filter",
         "inpars.workers:filter_worker",
-        ("generate",),
+        ("prepare", "generate"),
         _one,
         None,
-        ResourcesConfig(cpu="2", memory="8Gi"),
+        ResourcesConfig(cpu="2", memory="4Gi"),  # streams the rows: ~50 bytes a row between reads
         "kept rows best-first, dropped rows with a reason, summary, few-shot query ids",
     ),
     Stage(
         "negatives",
         "inpars.workers:negatives_worker",
-        ("filter",),
+        ("prepare", "filter"),
         lambda c: c.negatives.shards,
         "query",
-        ResourcesConfig(cpu="2", memory="8Gi"),
+        ResourcesConfig(cpu="2", memory="2Gi"),  # the store and index are memory-mapped: flat in the corpus size
         "triples (JSONL of ids, TSV of texts)",
     ),
     Stage(
         "train",
         "inpars.workers:train_worker",
-        ("negatives",),
+        ("prepare", "negatives"),
         _one,
         None,
         ResourcesConfig(cpu="4", memory="16Gi"),
@@ -74,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "rerank",
         "inpars.workers:rerank_worker",
-        ("train", "filter"),
+        ("prepare", "train", "filter"),
         lambda c: c.rerank.shards,
         "query",
         ResourcesConfig(cpu="4", memory="16Gi"),
@@ -83,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "inpars.workers:evaluate_worker",
-        ("rerank", "filter"),
+        ("prepare", "rerank", "filter"),
         _one,
         None,
         ResourcesConfig(cpu="1", memory="4Gi"),
@@ -131,9 +140,85 @@ def stage_shards(config: PipelineConfig) -> dict[str, int]:
     return {s.name: s.shards(config) for s in stages_for(config)}
 
 
-def resources_for(config: PipelineConfig, stage: str) -> ResourcesConfig:
-    """The pod resources of ``stage``: the user's ``resources.<stage>``, else the stage's defaults."""
-    return config.resources.get(stage) or get_stage(stage).resources
+@dataclass(frozen=True)
+class DataSize:
+    """How big a run's prepared data is: what pod sizes follow (from the prepare record, or estimated)."""
+
+    documents: int
+    corpus_bytes: int  # the corpus file as given
+    store_bytes: int  # the document store
+    index_bytes: int  # the saved BM25 index
+    estimated: bool = False  # True: guessed from the corpus file's size (before prepare ran)
+
+    @classmethod
+    def from_prepare_stats(cls, stats: dict) -> DataSize:
+        store, index, corpus = stats["store"], stats["index"], stats.get("corpus", {})
+        return cls(int(store["documents"]), int(corpus.get("bytes") or store["bytes"]), int(store["bytes"]), int(index["bytes"]))
+
+    @classmethod
+    def estimate(cls, corpus_bytes: int) -> DataSize:
+        # Measured on SciFact (prepare_corpus): the store is 0.98x the corpus JSONL, the bm25s index 0.66x.
+        # Documents are counted high on purpose (500 bytes each; MS MARCO passages are ~360, SciFact's ~1.6 KB).
+        return cls(max(1, corpus_bytes // 500), corpus_bytes, corpus_bytes, corpus_bytes * 7 // 10, estimated=True)
+
+
+# Stages that map the prepared store and index (their pods download both to /scratch on a gs:// run).
+READS_PREPARED = frozenset({"generate", "filter", "negatives", "train", "rerank"})
+GiB = 1 << 30
+
+
+def _gib(nbytes: float) -> int:
+    return max(1, -(-int(nbytes) // GiB))
+
+
+def resources_for(config: PipelineConfig, stage: str, data: DataSize | None = None) -> ResourcesConfig:
+    """The pod resources of ``stage``: the user's ``resources.<stage>``, else the stage's defaults sized
+    to the run's data (``data``: from the prepare record; None: the defaults as they are).
+
+    Sizing, for a pod whose memory stays flat in the corpus size (the store and index are memory-mapped
+    and their pages handed back as they are read; the id index and BM25 per-query arrays are a few
+    bytes a document):
+    - disk (``ephemeral-storage`` and the ``/scratch`` volume): the stage's own room (models, spills:
+      ``STAGE_SCRATCH``) plus the store and index it maps; prepare: the corpus, the store, the index and
+      the index build's spill (about the index again);
+    - memory: the stage's default plus 64 bytes a document (prepare: 256 bytes a document: the build
+      keeps document lengths, the id hashes and one chunk's postings).
+    A user's ``resources.<stage>`` wins whole (``ephemeral_storage`` left unset there is still sized).
+    """
+    user = config.resources.get(stage)
+    base = user or get_stage(stage).resources
+    if data is None:
+        return base
+    room = STAGE_SCRATCH.get(stage, 5 * GiB)
+    if stage == "prepare":
+        disk = room + data.corpus_bytes + data.store_bytes + 2 * data.index_bytes
+        extra_memory = 256 * data.documents
+    elif stage in READS_PREPARED:
+        disk = room + data.store_bytes + data.index_bytes
+        extra_memory = 64 * data.documents
+    else:
+        disk, extra_memory = room, 0
+    changes: dict = {}
+    if base.ephemeral_storage is None:
+        changes["ephemeral_storage"] = f"{_gib(disk * 1.1)}Gi"
+    if user is None:
+        from kubernetes.utils.quantity import parse_quantity
+
+        changes["memory"] = f"{_gib(float(parse_quantity(base.memory)) + extra_memory)}Gi"
+    return base.model_copy(update=changes) if changes else base
+
+
+# Each stage's own scratch room, beyond the prepared data: model weights (HF_HOME), checkpoints, spills.
+STAGE_SCRATCH = {
+    "prepare": 2 * GiB,
+    "generate": 50 * GiB,
+    "filter": 10 * GiB,
+    "negatives": 2 * GiB,
+    "train": 100 * GiB,
+    "rerank": 30 * GiB,
+    "evaluate": 2 * GiB,
+    "publish": 5 * GiB,
+}
 
 
 def preflight(config: PipelineConfig, *, runs_here: bool = True) -> None:

@@ -20,16 +20,17 @@ STORE_DIR = "store"
 INDEX_DIR = "bm25"
 
 
-def prepare_corpus(corpus: str | os.PathLike, folder: str | os.PathLike, *, retriever: str = "bm25s") -> dict:
+def prepare_corpus(corpus: str | os.PathLike, folder: str | os.PathLike, *, retriever: str = "bm25s", source: str | None = None) -> dict:
     """Write the store and the ``retriever`` index of a local corpus into ``folder``; returns statistics.
 
     Every bad corpus line is an :class:`~inpars.errors.InputError` naming file and line (a repeated id
     names both lines), raised before any index work. The statistics size the later workers' pods:
     ``{"store": StoreInfo as a dict (documents, bytes, sha256, source_sha256, columns, files),
-    "index": {"backend", "bytes", "stats"}}``.
+    "index": {"backend", "bytes", "stats"}}``. ``source``: the name ``store.json`` gives the corpus
+    (default: its local path).
     """
     folder = Path(folder)
-    info = write_store_from_corpus(corpus, folder / STORE_DIR)
+    info = write_store_from_corpus(corpus, folder / STORE_DIR, source=source)
     store = DocumentStore.open(folder / STORE_DIR)
     get_index(retriever, directory=folder / INDEX_DIR).build(store)
     meta = read_index_meta(folder / INDEX_DIR)

@@ -448,14 +448,16 @@ def write_store(
     return info
 
 
-def write_store_from_corpus(corpus: str | os.PathLike, folder: str | os.PathLike) -> StoreInfo:
+def write_store_from_corpus(corpus: str | os.PathLike, folder: str | os.PathLike, *, source: str | None = None) -> StoreInfo:
     """Validate a corpus (BEIR folder, JSONL, TSV, CSV) and write it as a store in ``folder``.
 
     Every bad line is reported with file and line (as :func:`inpars.corpus.iter_corpus`), a repeated
     id with both lines; ``source_sha256`` is the corpus file's own sha256 (to pin the run's corpus).
+    ``source``: what ``store.json`` names as the source (default: the local file; a worker passes the
+    run's setting, so the store's bytes do not depend on the machine's cache path).
     """
     file = resolve_corpus_file(corpus)
-    return write_store(iter_corpus_lines(file), folder, source=str(file), source_sha256=file_sha256(file))
+    return write_store(iter_corpus_lines(file), folder, source=source or str(file), source_sha256=file_sha256(file))
 
 
 def store_files(folder: str | os.PathLike) -> list[Path]:

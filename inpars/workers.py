@@ -80,20 +80,42 @@ class Shard:
             log.debug("progress note failed: %s", e)
 
 
-def evaluation_queries(config: PipelineConfig, exclude: set[str]) -> dict[str, str]:
-    """The run's judged evaluation queries, in id order, minus excluded (few-shot) ids."""
+def evaluation_queries(run: Run, exclude: set[str]) -> dict[str, str]:
+    """The run's judged evaluation queries (as prepare committed them), in id order, minus excluded (few-shot) ids."""
     from .evaluate import evaluation_queries as judged_queries
 
-    ds = resolve_dataset(config)
-    if ds.queries is None or ds.qrels is None:
+    queries, qrels = prepared_evaluation(run)
+    return judged_queries(corpus_io.read_queries(queries), corpus_io.read_qrels(qrels), exclude, source=str(queries))
+
+
+def prepared_evaluation(run: Run) -> tuple[Path, Path]:
+    """Local paths of the evaluation queries and qrels that prepare copied into the run."""
+    names = (run.record("prepare", 0, 1) or {}).get("stats", {}).get("evaluation", {})
+    if not names.get("queries") or not names.get("qrels"):
         raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
-    return judged_queries(corpus_io.read_queries(ds.queries), corpus_io.read_qrels(ds.qrels), exclude, source=str(ds.queries))
+    return run.fetch("prepare", names["queries"]), run.fetch("prepare", names["qrels"])
 
 
-def _bm25(config: PipelineConfig, docs):
-    from .bm25 import build_index
+# One prepared store and index per worker process (a worker runs one shard; tests run several in one process).
+_prepared: dict[str, tuple[Any, Any]] = {}
 
-    return build_index(docs, config.negatives.retriever)
+
+def prepared(run: Run):
+    """``(store, index)``: the run's document store and BM25 index from the prepare stage, memory-mapped.
+
+    On a gs:// workspace their files are streamed to scratch (``INPARS_SCRATCH`` / the cache, the pod's
+    ``/scratch`` volume) and verified; a local workspace serves them in place (verified too). The store
+    must be the pinned corpus: a store prepared from another corpus stops the worker.
+    """
+    from .prepare import INDEX_DIR, STORE_DIR, open_prepared
+
+    if run.uri not in _prepared:
+        folder = run.fetch("prepare", STORE_DIR).parent
+        run.fetch("prepare", INDEX_DIR)
+        store, index = open_prepared(folder)
+        run.check_corpus(store.info.source_sha256 or "", f"the prepared store {run.storage.uri('prepare/' + STORE_DIR)}")
+        _prepared[run.uri] = (store, index)
+    return _prepared[run.uri]
 
 
 def _read_fewshot_ids(run: Run) -> set[str]:
@@ -105,10 +127,42 @@ def _read_fewshot_ids(run: Run) -> set[str]:
 # --------------------------------------------------------------------------- workers
 
 
+# What prepare copies beside the store and index (small files: every later worker reads them from the run).
+EVALUATION_FILES = ("queries", "qrels", "fewshot")
+
+
+def prepare_worker(shard: Shard) -> None:
+    from .prepare import prepare_corpus, prepared_files
+
+    run = shard.run
+    config = run.config
+    ds = resolve_dataset(config)
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
+        folder = Path(tmp) / "prepared"
+        stats = prepare_corpus(ds.corpus, folder, retriever=config.negatives.retriever, source=config.data.corpus)
+        store = stats["store"]
+        pin = {"source": config.data.corpus, "sha256": store["source_sha256"], "documents": store["documents"]}
+        pin["bytes"] = corpus_io.resolve_corpus_file(ds.corpus).stat().st_size
+        run.pin_corpus(pin)  # a corpus that changed since the run's first prepare stops here
+        files: dict[str, Any] = {p.relative_to(folder).as_posix(): p for p in prepared_files(folder)}
+        evaluation = {}
+        for kind, path in (("queries", ds.queries), ("qrels", ds.qrels), ("fewshot", ds.fewshot)):
+            if path is None:
+                continue
+            if kind == "queries":
+                corpus_io.read_queries(path)  # validated here: a bad line names file and line before anything is paid for
+            elif kind == "qrels":
+                corpus_io.read_qrels(path)
+            name = f"{kind}{Path(path).suffix}"
+            files[name], evaluation[kind] = Path(path), name
+        stats = {**stats, "corpus": pin, "evaluation": evaluation, "rows": store["documents"]}
+        shard.commit(json.dumps(stats, indent=2, sort_keys=True).encode(), ext="json", files=files, stats=stats)
+
+
 def generate_worker(shard: Shard) -> None:
     from .backends import get_backend
     from .backends.journal import AnswerJournal, StorageJournalSink
-    from .generate import generate_queries, sample_documents
+    from .generate import generate_queries, sample_positions
     from .ledger import Ledger
     from .prompts import load_prompt
     from .usage import BudgetExceeded
@@ -116,10 +170,11 @@ def generate_worker(shard: Shard) -> None:
 
     run, index, count = shard.run, shard.index, shard.count
     cfg = run.config.generate
-    ds = resolve_dataset(run.config)
-    docs = corpus_io.read_corpus(ds.corpus)
-    mine = take_shard(sample_documents(docs, cfg.n_docs, cfg.seed), index, count)
-    prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(ds.fewshot) if ds.fewshot else None)
+    store, _ = prepared(run)
+    # The sample as store rows: this shard reads only its own documents, a checkpoint chunk at a time.
+    mine = store.documents(take_shard(sample_positions(len(store), cfg.n_docs, cfg.seed), index, count))
+    fewshot = (run.record("prepare", 0, 1) or {}).get("stats", {}).get("evaluation", {}).get("fewshot")
+    prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(run.fetch("prepare", fewshot)) if fewshot else None)
     backend = get_backend(cfg.backend, cfg)
     name = shard_name(index, count, "jsonl")
     journal = ledger = None
@@ -189,55 +244,70 @@ def _prompt_name(config: PipelineConfig) -> str:
 
 
 def filter_worker(shard: Shard) -> None:
+    from .corpus import dumps_row
     from .evaluate import natural_key
-    from .filter import drop_counts, filter_queries
-    from .generate import fewshot_query_ids
+    from .filter import filter_stream
 
     run = shard.run
     cfg = run.config.filter
-    rows = run.read_rows("generate", shard.shards_of("generate"))
+    n_generate = shard.shards_of("generate")
     scorer = index_ = docs = None
     if cfg.strategy == "reranker":
         from .rerank import load_reranker
 
         scorer = load_reranker(cfg.reranker_model)
     elif cfg.strategy == "consistency":
-        docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
-        index_ = _bm25(run.config, docs)
-    kept, dropped = filter_queries(rows, cfg, scorer=scorer, index=index_, docs=docs)
-    summary = {
-        "strategy": cfg.strategy,
-        "aggregate": cfg.aggregate,
-        "n_in": len(rows),
-        "n_kept": len(kept),
-        "dropped_by_reason": drop_counts(dropped),
-        "threshold": min((r["score"] for r in kept), default=None),
-    }
-    fewshot = sorted(fewshot_query_ids(rows), key=natural_key)
-    files = {
-        "dropped.jsonl": dumps_rows(dropped),
-        "summary.json": json.dumps(summary, indent=2).encode(),
-        FEWSHOT_IDS: json.dumps(fewshot).encode(),
-    }
-    shard.commit(dumps_rows(kept), ext="jsonl", files=files, stats=summary)
+        docs, index_ = prepared(run)
+    fewshot: set[str] = set()
+
+    def open_rows():
+        # Read two or three times by the streaming filter; the few-shot ids are collected on the way.
+        for row in run.iter_rows("generate", n_generate, needed_by="filter"):
+            for example in row.get("fewshot_examples") or []:
+                if example.get("query_id") is not None:
+                    fewshot.add(str(example["query_id"]))
+            yield row
+
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
+        kept_path, dropped_path = Path(tmp) / "kept.jsonl", Path(tmp) / "dropped.jsonl"
+        with open(kept_path, "w", encoding="utf-8") as kept, open(dropped_path, "w", encoding="utf-8") as dropped:
+            summary = filter_stream(
+                open_rows,
+                cfg,
+                write_kept=lambda row: kept.write(dumps_row(row) + "\n"),
+                write_dropped=lambda row: dropped.write(dumps_row(row) + "\n"),
+                scorer=scorer,
+                index=index_,
+                docs=docs,
+                spool_dir=tmp,
+            )
+        files = {
+            "dropped.jsonl": dropped_path,
+            "summary.json": json.dumps(summary, indent=2).encode(),
+            # Written once here, so rerank and evaluate know the few-shot ids without reading generated rows.
+            FEWSHOT_IDS: json.dumps(sorted(fewshot, key=natural_key)).encode(),
+        }
+        shard.commit(kept_path, ext="jsonl", files=files, stats=summary, rows=summary["n_kept"])
 
 
 def negatives_worker(shard: Shard) -> None:
+    from itertools import islice
+
     from .negatives import mine_negatives, write_triples_tsv
+    from .shards import shard_range
 
     run, index, count = shard.run, shard.index, shard.count
     cfg = run.config.negatives
-    kept = run.read_rows("filter", 1)
-    mine = take_shard(kept, index, count)
-    docs = corpus_io.read_corpus(resolve_dataset(run.config).corpus)
-    triples = mine_negatives(
-        mine, _bm25(run.config, docs), depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed
-    )
-    with tempfile.TemporaryDirectory() as tmp:
+    n_kept = int((run.record("filter", 0, 1) or {}).get("rows") or 0)
+    mine_range = shard_range(n_kept, index, count)
+    mine = list(islice(run.iter_rows("filter", 1, needed_by="negatives"), mine_range.start, mine_range.stop))
+    docs, bm25 = prepared(run)
+    triples = mine_negatives(mine, bm25, depth=cfg.depth, n_negatives=cfg.n_negatives, skip_top=cfg.skip_top, seed=cfg.seed)
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:
         tsv = Path(tmp) / "triples.tsv"
         write_triples_tsv(triples, docs, tsv)
-        files = {f"triples-{shard_name(index, count, 'tsv')}": tsv.read_bytes()}
-    shard.commit(dumps_rows(triples), ext="jsonl", files=files, stats={"rows": len(triples)})
+        files = {f"triples-{shard_name(index, count, 'tsv')}": tsv}
+        shard.commit(dumps_rows(triples), ext="jsonl", files=files, stats={"rows": len(triples)})
 
 
 # Training stats that say how long an attempt took, not what it made: kept out of committed bytes.
@@ -254,7 +324,7 @@ def train_worker(shard: Shard) -> None:
     train_rows, held_out = split_held_out(triples, config.train.held_out_fraction)
     if not train_rows:
         raise InputError("no training triples: the filter kept no queries (see filter/summary.json)")
-    docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
+    docs, bm25 = prepared(run)
     # Checkpoints in the workspace (SIGTERM saves one too): a training preempted or restarted on
     # another node resumes from the newest complete one, to the same weights.
     checkpointer = StorageCheckpointer(run.storage.uri("train/_checkpoints"), scratch_root() / "checkpoints" / run.run_id)
@@ -270,7 +340,7 @@ def train_worker(shard: Shard) -> None:
         if held_out and config.rerank.fusion:
             # The fusion weight is chosen on held-out *synthetic* queries, never on the evaluation queries.
             reranker = load_reranker(str(model_dir), batch_size=config.rerank.batch_size, max_length=config.rerank.max_length)
-            fusion = fusion_weight_on_held_out(held_out, _bm25(config, docs), docs, reranker, config.rerank.depth)
+            fusion = fusion_weight_on_held_out(held_out, bm25, docs, reranker, config.rerank.depth)
         stats = {**stats, "n_train_queries": len(train_rows), "n_held_out": len(held_out), "fusion": fusion}
         files: dict[str, Any] = {f"model/{p.relative_to(model_dir).as_posix()}": p for p in sorted(model_dir.rglob("*")) if p.is_file()}
         files["held_out.jsonl"] = dumps_rows(held_out)
@@ -284,12 +354,12 @@ def rerank_worker(shard: Shard) -> None:
     from .runs import format_run, fuse_runs, read_run, with_tail
 
     run, index, count = shard.run, shard.index, shard.count
-    config, cfg = run.config, run.config.rerank
-    queries = evaluation_queries(config, _read_fewshot_ids(run))
+    cfg = run.config.rerank
+    queries = evaluation_queries(run, _read_fewshot_ids(run))
     mine = dict(take_shard(list(queries.items()), index, count))
-    docs = corpus_io.read_corpus(resolve_dataset(config).corpus)
+    docs, bm25 = prepared(run)
     if cfg.first_stage == "bm25":
-        first = first_stage(_bm25(config, docs), mine, cfg.depth) if mine else {}
+        first = first_stage(bm25, mine, cfg.depth) if mine else {}
     else:
         given = read_run(fetch(cfg.first_stage))
         first = {q: given[q] for q in mine if q in given}
@@ -328,9 +398,8 @@ def evaluate_worker(shard: Shard) -> None:
 
     run, config = shard.run, shard.run.config
     n_rerank = shard.shards_of("rerank")
-    ds = resolve_dataset(config)
     exclude = _read_fewshot_ids(run)
-    qrels = corpus_io.read_qrels(ds.qrels)
+    qrels = corpus_io.read_qrels(prepared_evaluation(run)[1])
     systems = {"bm25": _read_trec_shards(run, "firststage-", n_rerank), "reranked": _read_trec_shards(run, "", n_rerank)}
     fused = _read_trec_shards(run, "fused-", n_rerank)
     if fused is not None:

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SECTIONS = "_manifest"
 SETTINGS_SECTION = "settings"  # runtime settings changed by `resume --set` (budget, resources...)
+CORPUS_SECTION = "corpus"  # the corpus pinned by the first prepare: {source, sha256, bytes, documents}
 CHECKPOINTS = "_checkpoints"
 ATTEMPTS = "_attempts"
 LEASES = "_leases"
@@ -98,13 +99,18 @@ def _count_lines(data: bytes) -> int:
 LINE_FORMATS = ("jsonl", "tsv", "trec", "txt", "csv")
 
 
-def _rows(rows: int | None, stats: dict | None, ext: str, data: bytes) -> int | None:
+def _rows(rows: int | None, stats: dict | None, ext: str, data: bytes | os.PathLike | None) -> int | None:
     """A record's row count: given, else ``stats["rows"]``, else the lines of a line-based format."""
     if rows is not None:
         return rows
     if stats and isinstance(stats.get("rows"), int):
         return stats["rows"]
-    return _count_lines(data) if ext.lstrip(".") in LINE_FORMATS else None
+    if data is None or ext.lstrip(".") not in LINE_FORMATS:
+        return None
+    if isinstance(data, bytes):
+        return _count_lines(data)
+    with open(data, "rb") as f:  # a file main output: streamed, never read whole
+        return sum(1 for line in f if line.strip())
 
 
 def _file_sha256(path: Path) -> str:
@@ -121,6 +127,16 @@ def scratch_root() -> Path:
     root = Path(os.environ["INPARS_SCRATCH"]) if os.environ.get("INPARS_SCRATCH") else cache_root() / "scratch"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def check_same_corpus(pinned: Mapping[str, Any], sha256: str, where: str) -> None:
+    """The one corpus-changed error: a run's samples, store and index must all come from one corpus."""
+    if pinned.get("sha256") != sha256:
+        raise InputError(
+            f"the corpus changed: this run was prepared from {pinned.get('source')} with sha256 {str(pinned.get('sha256'))[:12]}... "
+            f"({pinned.get('documents')} documents), but {where} has sha256 {sha256[:12]}...; a run keeps one corpus: "
+            "restore it, or start a new run for the new corpus"
+        )
 
 
 # ----------------------------------------------------------------------------- run ids, manifest
@@ -332,9 +348,33 @@ class Run:
         own file, so two stages never lose each other's updates; within one section the last writer
         wins. Core keys (config, run_id, ...) cannot be replaced.
         """
-        if section in self._manifest or not re.match(r"^[A-Za-z0-9_.-]+$", section):
+        if section in self._manifest or section == CORPUS_SECTION or not re.match(r"^[A-Za-z0-9_.-]+$", section):
             raise InParsError(f"cannot update manifest section {section!r}")
         self.write_bytes(f"{SECTIONS}/{section}.json", _dumps(data))
+
+    # -------------------------------------------------------------- the pinned corpus
+
+    def corpus_pin(self) -> dict[str, Any] | None:
+        """The corpus this run was prepared from (``{source, sha256, bytes, documents}``), or None before prepare."""
+        try:
+            return json.loads(self.storage.read_bytes(f"{SECTIONS}/{CORPUS_SECTION}.json"))
+        except FileNotFoundError:
+            return None
+
+    def pin_corpus(self, pin: Mapping[str, Any]) -> dict[str, Any]:
+        """Pin the run's corpus, create-only: the first prepare wins, for the life of the run. A later
+        pin of another corpus (another sha256) is an :class:`InputError` saying what changed."""
+        if not self._create(f"{SECTIONS}/{CORPUS_SECTION}.json", _dumps(dict(pin))):
+            pinned = self.corpus_pin() or {}
+            check_same_corpus(pinned, pin["sha256"], pin.get("source", "?"))
+            return pinned
+        return dict(pin)
+
+    def check_corpus(self, sha256: str, where: str) -> None:
+        """Raise :class:`InputError` unless ``sha256`` is the pinned corpus (no pin yet: nothing to check)."""
+        pinned = self.corpus_pin()
+        if pinned is not None:
+            check_same_corpus(pinned, sha256, where)
 
     # -------------------------------------------------------------- writing (every payload scanned)
 
@@ -379,7 +419,7 @@ class Run:
         stage: str,
         index: int,
         count: int,
-        data: bytes | None = None,
+        data: bytes | os.PathLike | None = None,
         *,
         ext: str = "jsonl",
         files: Mapping[str, bytes | os.PathLike] | None = None,
@@ -387,7 +427,7 @@ class Run:
         rows: int | None = None,
         lease: Lease | None = None,
     ) -> bool:
-        """Commit one shard: its main output ``data`` (as ``shard-i-of-n.<ext>``), its side ``files``
+        """Commit one shard: its main output ``data`` (bytes or a local file, as ``shard-i-of-n.<ext>``), its side ``files``
         (``{name under <stage>/: bytes or a local file}``; a model folder is its files, ``model/...``),
         then its record. Returns True when this call created the main output (the record too),
         False when it was already there with the same bytes (an earlier attempt or a twin).
@@ -400,7 +440,7 @@ class Run:
         shard_range(0, index, count)
         payloads: dict[str, bytes | Path] = {}
         if data is not None:
-            payloads[shard_name(index, count, ext)] = data
+            payloads[shard_name(index, count, ext)] = data if isinstance(data, bytes) else Path(data)
         for name, value in (files or {}).items():
             check_key(name)
             payloads[name] = value if isinstance(value, bytes) else Path(value)
@@ -421,7 +461,7 @@ class Run:
             "shard": index,
             "count": count,
             "files": listing,
-            "rows": _rows(rows, stats, ext if data is not None else "", data or b""),
+            "rows": _rows(rows, stats, ext if data is not None else "", data),
             "stats": stats or {},
         }
         if primary is not None:  # the main file's identity at the top level, as readers of format 1 expect

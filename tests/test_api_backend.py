@@ -471,6 +471,7 @@ def test_generate_worker_through_the_api(llama_server, key_env, tmp_path):
         }
     )
     run = Run.create(str(tmp_path / "ws"), config, "api-run")
+    assert run_stage(run.uri, "prepare", 0) is True
     assert run_stage(run.uri, "generate", 0) is True
     rows = run.read_rows("generate", 1)
     assert len(rows) == 3 and all(r["log_probs"] and "\n" not in r["query"] for r in rows)

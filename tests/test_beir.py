@@ -232,7 +232,7 @@ def test_beir_again_after_a_crash_redoes_nothing_finished_and_reports_the_missin
     monkeypatch.setattr(cli, "_executor", lambda backend, **kw: crashing)
     first = CliRunner().invoke(cli.app, [*common, "--datasets", "scifact,nfcorpus,fiqa"])
     assert first.exit_code == 75, first.output
-    assert crashing.stages("nfcorpus") == ["generate", "filter", "negatives"]
+    assert crashing.stages("nfcorpus") == ["prepare", "generate", "filter", "negatives"]
     lines = {ln.split()[0]: ln for ln in first.output.splitlines() if ln.split() and ln.split()[0] in ("scifact", "nfcorpus", "fiqa")}
     assert "complete" in lines["scifact"] and "complete" in lines["fiqa"] and "failed" in lines["nfcorpus"]
     assert "2/3 complete" in first.output

@@ -278,7 +278,7 @@ def auto_controller(api: client.ApiClient, run: FakeRun | None, stop: threading.
 def test_run_pipeline_skips_done_stages_and_resumes_missing_shards(api):
     config = PipelineConfig().override({"generate.shards": 4, "negatives.shards": 4})
     jobs = plan_pipeline(config, "gs://b/runs/r1")
-    run = FakeRun("r1", {"generate": {0, 1, 2, 3}, "filter": {0}, "negatives": {0, 2}})
+    run = FakeRun("r1", {"prepare": {0}, "generate": {0, 1, 2, 3}, "filter": {0}, "negatives": {0, 2}})
     stop = threading.Event()
     t = in_thread(lambda: auto_controller(api, run, stop))
     messages: list[str] = []
@@ -289,7 +289,7 @@ def test_run_pipeline_skips_done_stages_and_resumes_missing_shards(api):
         t.join(5)
     submitted = jobs_in(api)
     stages = {o["metadata"]["labels"]["inpars.io/stage"]: o for o in submitted.values()}
-    assert set(stages) == {"negatives", "train", "rerank", "evaluate"}  # generate, filter: done already
+    assert set(stages) == {"negatives", "train", "rerank", "evaluate"}  # prepare, generate, filter: done already
     neg = stages["negatives"]
     assert neg["spec"]["completions"] == 2
     env = {e["name"]: e.get("value") for e in neg["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -719,6 +719,7 @@ def test_a_driver_restarted_mid_stage_adopts_the_live_job_and_finishes(api, serv
 
     monkeypatch.setenv("INPARS_LEASE_SECONDS", "1")  # a dead driver's lease expires within a second
     run = Run.create(gcs_uri, PipelineConfig().override({"generate.shards": 2}), "restart-1")
+    run.commit_shard("prepare", 0, 1, b"{}", ext="json")  # prepared already: the restart happens in generate
     env = {**os.environ, "KUBECONFIG": str(write_kubeconfig(tmp_path, server)), "COLUMNS": "200"}
     args = ["resume", run.uri, "--backend", "k8s", "--until", "filter"]  # what the driver Job's pod runs
 
@@ -945,7 +946,7 @@ def test_beir_all_datasets_dry_run_on_k8s_validates_every_manifest(gcs_uri):
         driver["metadata"]["labels"]["inpars.io/stage"] == "driver"
         and len(driver["metadata"]["annotations"]["inpars.io/run-ids"].split(",")) == 25
     )
-    assert len(stages) == 25 * 6
+    assert len(stages) == 25 * 7  # prepare, generate, filter, negatives, train, rerank, evaluate
     assert_valid_driver(driver)
     longest = max((d["metadata"]["name"] for d in stages), key=len)
     assert len(longest) + len("-63") <= 63  # the last pod's hostname of the longest name (64 shards)

@@ -204,7 +204,7 @@ def test_names_are_dns_labels_and_distinct():
 
 
 def test_resume_job_maps_completion_indexes_to_missing_shards():
-    job = plan_pipeline(variant("default"), "gs://b/runs/r")[0]
+    job = next(j for j in plan_pipeline(variant("default"), "gs://b/runs/r") if j.stage == "generate")
     m = render_job(job, run_id="r", namespace="n", image="i", indexes=[3, 1], attempt=1)
     assert m["metadata"]["name"].endswith("-generate-r1")
     assert m["spec"]["completions"] == 2 and m["spec"]["parallelism"] <= 2
@@ -447,6 +447,7 @@ def test_container_contract_with_the_real_worker(tmp_path):
 
     config = PipelineConfig().override({"generate.shards": 3})
     run = Run.create(str(tmp_path / "ws"), config, "contract-1")
+    run.commit_shard("prepare", 0, 1, b"{}", ext="json")  # as if prepared: this test is about generate shards
     for shard in (0, 2):
         run.commit_shard("generate", shard, 3, b'{"query": "q", "doc_id": "d"}\n', rows=1)
     jobs = {j.stage: j for j in plan_pipeline(run.config, run.uri)}

@@ -143,6 +143,8 @@ def test_sigkill_mid_shard_resumes_to_identical_output(tmp_path):
     killed = Run.create(str(tmp_path / "ws"), config, "killed")
     clean = Run.create(str(tmp_path / "ws"), config, "clean")
     chunks = Path(killed.uri) / "generate" / "_checkpoints" / "shard-00000-of-00001"
+    for run in (killed, clean):
+        assert _worker(run.uri, "prepare").wait(timeout=300) == 0
 
     proc = _worker(killed.uri, "generate")
     deadline = time.monotonic() + 600
@@ -172,7 +174,7 @@ def test_bad_input_is_a_permanent_error_naming_file_and_line(tmp_path):
     corpus.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": broken}\n', encoding="utf-8")
     config = PipelineConfig().override({"data.corpus": str(corpus), "data.name": "bad"})
     run = Run.create(str(tmp_path / "ws"), config, "bad")
-    proc = _worker(run.uri, "generate")
+    proc = _worker(run.uri, "prepare")  # the corpus is read once, by prepare
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PERMANENT
     assert f"{corpus}:2" in err

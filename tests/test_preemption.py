@@ -21,6 +21,7 @@ from inpars.devices import auto_device_name, resolve_device
 from inpars.distributed import LaunchPlan, World, launch_plan, loss_scale, share
 from inpars.errors import EXIT_PERMANENT, EXIT_TRANSIENT, ConfigError, Preempted, TransientError
 from inpars.storage import open_storage
+from inpars.workers import run_stage
 from inpars.workspace import Checkpoint, Run, checkpointed_map
 
 BIN = Path(sys.executable).parent
@@ -102,6 +103,8 @@ def test_sigterm_to_a_generate_worker_saves_the_chunk_and_exits_retryable(tmp_pa
     def saved() -> int:
         return len([p for p in chunks.iterdir() if p.name.startswith("chunk-")]) if chunks.exists() else 0
 
+    for run in (stopped, clean):
+        assert run_stage(run.uri, "prepare", 0) is True  # the store the generate workers sample from
     proc = _worker(stopped.uri, "generate")
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline and proc.poll() is None and saved() < 1:

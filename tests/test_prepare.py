@@ -35,3 +35,75 @@ def test_a_bad_corpus_line_stops_prepare_before_any_index_work(tmp_path):
     with pytest.raises(InputError, match=rf"{corpus}:2: malformed JSON"):
         prepare_corpus(corpus, tmp_path / "prepared")
     assert not (tmp_path / "prepared" / "bm25").exists()
+
+
+# --------------------------------------------------------------------------- the prepare stage in a run
+
+
+def small_corpus(path: Path, n: int, extra: str = "") -> Path:
+    """The first ``n`` sample documents as a corpus file (``extra``: one more line, to change it)."""
+    lines = (SAMPLE / "corpus.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+    path.write_text("".join(lines) + extra, encoding="utf-8")
+    return path
+
+
+def prepared_run(tmp_path: Path, corpus: Path, run_id: str = "r"):
+    from inpars.config import PipelineConfig
+    from inpars.workers import run_stage
+    from inpars.workspace import Run
+
+    config = PipelineConfig().override({"data.corpus": str(corpus), "data.name": "mini"})
+    run = Run.create(str(tmp_path / "ws"), config, run_id)
+    assert run_stage(run.uri, "prepare", 0) is True
+    return Run.open(run.uri)
+
+
+def test_the_prepare_stage_pins_the_corpus_and_commits_store_index_and_statistics(tmp_path):
+    from inpars.store import file_sha256
+    from inpars.workers import prepared
+
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 40)
+    run = prepared_run(tmp_path, corpus)
+    pin = run.manifest["corpus"]
+    assert pin == {"source": str(corpus), "sha256": file_sha256(corpus), "bytes": corpus.stat().st_size, "documents": 40}
+    stats = run.record("prepare", 0, 1)["stats"]
+    assert stats["store"]["documents"] == 40 and stats["store"]["source"] == str(corpus)
+    assert stats["store"]["columns"]["text"]["tokens"] > 0  # token counts, for sizing and the report
+    store, index = prepared(run)
+    assert dict(store) == read_corpus(corpus)
+    queries = {"q": "cancer stem cells", "r": "vitamin D deficiency"}
+    assert index.search(queries, 10) == build_index(read_corpus(corpus)).search(queries, 10)
+
+
+def test_a_changed_corpus_stops_a_redone_prepare_and_a_resume(tmp_path):
+    from inpars.launch.driver import drive
+    from inpars.launch.local import LocalExecutor
+    from inpars.workers import run_stage
+
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 40)
+    run = prepared_run(tmp_path, corpus)
+    small_corpus(corpus, 40, extra=json.dumps({"_id": "new", "text": "a document added after the run started"}) + "\n")
+    # A resume stops before anything is submitted, naming both corpora.
+    with pytest.raises(InputError, match=r"the corpus changed: this run was prepared from .*corpus\.jsonl with sha256 .* \(40 documents\)"):
+        drive(run, LocalExecutor(max_parallel=1))
+    # A prepare redone after its output was set aside (verify --repair) refuses the other corpus too,
+    # so no shard of this run ever reads documents of two corpora.
+    run.invalidate("prepare", 0, 1, "test: set aside")
+    with pytest.raises(InputError, match="the corpus changed"):
+        run_stage(run.uri, "prepare", 0)
+    assert not run.shard_done("prepare", 0, 1)
+    # Restoring the corpus lets the run go on.
+    small_corpus(corpus, 40)
+    assert run_stage(run.uri, "prepare", 0) is True
+
+
+def test_prepare_of_a_corpus_with_bad_lines_names_each_and_commits_nothing(tmp_path):
+    from inpars.config import PipelineConfig
+    from inpars.workers import run_stage
+    from inpars.workspace import Run
+
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 5, extra='{"_id": "x", "text": ""}\n')
+    run = Run.create(str(tmp_path / "ws"), PipelineConfig().override({"data.corpus": str(corpus), "data.name": "mini"}), "bad")
+    with pytest.raises(InputError, match=rf"{corpus}:6: document x has empty text"):
+        run_stage(run.uri, "prepare", 0)
+    assert not run.shard_done("prepare", 0, 1) and run.corpus_pin() is None

@@ -95,6 +95,7 @@ def model_dir(tmp_path_factory):
 def run(tmp_path, model_dir, monkeypatch):
     monkeypatch.setenv("INPARS_LEASE_SECONDS", "4")
     run = Run.create(tmp_path / "ws", small_config(model_dir), run_id="rel")
+    assert run_stage(run.uri, "prepare", 0) is True
     fake_generation(run)
     for stage in ("filter", "negatives"):
         assert run_stage(run.uri, stage, 0) is True

@@ -298,7 +298,7 @@ def render_manifests(
     validated as the API server would), preceded by the BEIR driver Job with ``driver`` (``--detach``)."""
     from .detach import beir_driver_manifest
     from .k8s_manifests import dry_run, to_yaml
-    from .plan import plan_pipeline
+    from .plan import data_size, plan_pipeline
 
     ready = [p for p in plans if p.missing is None and p.config is not None and p.run_id]
     texts = []
@@ -314,7 +314,7 @@ def render_manifests(
         )
         texts.append("# the BEIR driver\n" + to_yaml([manifest]))
     for plan in ready:
-        jobs = plan_pipeline(plan.config, f"{workspace.rstrip('/')}/runs/{plan.run_id}")
+        jobs = plan_pipeline(plan.config, f"{workspace.rstrip('/')}/runs/{plan.run_id}", data=data_size(config=plan.config))
         text = dry_run(jobs, run_id=plan.run_id, namespace=namespace, image=image, queue=queue, max_parallel_pods=max_parallel_pods)
         texts.append(f"# {plan.name}: run {plan.run_id}\n{text}")
     return "---\n".join(texts)

@@ -204,13 +204,13 @@ def run(
         if backend != "k8s":
             raise InParsError("--dry-run prints Kubernetes manifests: use it with --backend k8s")
         from .k8s_manifests import dry_run as render_dry_run
-        from .plan import plan_pipeline
+        from .plan import data_size, plan_pipeline
 
         rid = run_id or f"{cfg.data.name}-dry-run"
         run_uri = f"{workspace.rstrip('/')}/runs/{rid}"
         # Rendering validates each manifest as the API server would (names, hostnames, labels, quantities).
         text = render_dry_run(
-            plan_pipeline(cfg, run_uri, until=until),
+            plan_pipeline(cfg, run_uri, until=until, data=data_size(config=cfg)),  # pods sized from the corpus file's size
             run_id=rid,
             namespace=namespace,
             image=image or cfg.image,

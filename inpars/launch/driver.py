@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import EXIT_PERMANENT, InParsError, TransientError
 from ..leases import Lease, ShardBusy
 from ..pipeline import stages_for
-from .plan import StageJob, plan_stage
+from .plan import StageJob, data_size, plan_stage
 
 if TYPE_CHECKING:
     from ..workspace import Run
@@ -112,7 +112,8 @@ class StageOutcome:
 
 def plan_run(run: Run, *, until: str | None = None, max_retries: int = 3) -> list[StageJob]:
     """The run's stages as jobs, planned now (from the run's current settings)."""
-    return [plan_stage(run.config, stage, run.uri, max_retries=max_retries) for stage in stages_for(run.config, until)]
+    data = data_size(run)
+    return [plan_stage(run.config, stage, run.uri, max_retries=max_retries, data=data) for stage in stages_for(run.config, until)]
 
 
 def drive(
@@ -130,9 +131,11 @@ def drive(
     ``lease``: the driver lease held for the run (:func:`exclusive_driver`); checked before each
     stage is handed to the executor, so a driver that lost it (it stalled past the lease and another
     took over) stops instead of submitting twice."""
+    check_pinned_corpus(run)
     outcomes = []
     for stage in stages_for(run.config, until):
-        job = plan_stage(run.config, stage, run.uri, max_retries=max_retries)
+        # Planned when it runs: pods are sized from the prepare record once prepare is committed.
+        job = plan_stage(run.config, stage, run.uri, max_retries=max_retries, data=data_size(run))
         started = time.monotonic()
         status = run.stage_status(stage.name, job.shards)
         for i in status["invalid"]:
@@ -167,6 +170,37 @@ def drive(
         outcome.status, outcome.ran, outcome.seconds = "done", list(missing), time.monotonic() - started
         outcomes.append(outcome)
     return outcomes
+
+
+def check_pinned_corpus(run: Run) -> None:
+    """Stop a resume whose corpus source is no longer the corpus the run was prepared from.
+
+    A local (or packaged) corpus is compared by sha256 (about 2 s a GB); a gs:// one by size only (hashing
+    it would mean downloading it on the launcher). Workers read the pinned store, never the source,
+    so a changed source cannot mix into a prepared run; this says so before anything is submitted.
+    """
+    from ..corpus import resolve_corpus_file
+    from ..datasets import builtin_folder
+    from ..store import file_sha256
+    from ..workspace import check_same_corpus
+    from .plan import corpus_source_bytes
+
+    pinned = run.corpus_pin()
+    source = run.config.data.corpus
+    if pinned is None or source.startswith("irds:"):
+        return
+    size = corpus_source_bytes(source)
+    if size is None:
+        return
+    if source.startswith("gs://"):
+        if pinned.get("bytes") not in (None, size):
+            raise InParsError(
+                f"the corpus changed: this run was prepared from {source} of {pinned['bytes']} bytes, it now has {size} bytes; "
+                "a run keeps one corpus: restore it, or start a new run for the new corpus"
+            )
+        return
+    file = resolve_corpus_file(builtin_folder(source.split(":", 1)[1]) if source.startswith("builtin:") else source)
+    check_same_corpus(pinned, file_sha256(file), str(file))
 
 
 MAX_REPAIRS = 2  # rounds of "an input was corrupt: redo it" before a failure is reported as it is

@@ -264,6 +264,8 @@ def _pod_resources(job: StageJob) -> tuple[dict[str, Any], dict[str, str], list[
     r, stage = job.resources, job.stage
     where = f"resources.{stage}"
     requests = {"cpu": str(r.cpu), "memory": str(r.memory)}
+    if r.ephemeral_storage:
+        requests["ephemeral-storage"] = str(r.ephemeral_storage)  # /scratch: the prepared store and index, models, spills
     limits = dict(requests)
     selector: dict[str, str] = {}
     tolerations: list[dict[str, str]] = []
@@ -394,7 +396,7 @@ def _job_manifest(
         },
         "spec": spec,
     }
-    return _apply_template(manifest, load_template(job.stage))
+    return _apply_template(manifest, _sized_template(job))
 
 
 def render_job(
@@ -635,6 +637,17 @@ def render_driver(
     return manifest
 
 
+def _sized_template(job: StageJob) -> dict[str, Any]:
+    """The stage's template with its ``scratch`` volume as large as the pod's ``ephemeral-storage``."""
+    template = copy.deepcopy(load_template(job.stage))
+    size = job.resources.ephemeral_storage
+    if size:
+        for volume in (template.get("pod") or {}).get("volumes") or []:
+            if volume.get("name") == "scratch" and "emptyDir" in volume:
+                volume["emptyDir"]["sizeLimit"] = str(size)
+    return template
+
+
 def _apply_template(manifest: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
     """Overlay the rendered Job on the stage template (the StageJob wins on conflicts)."""
     out = copy.deepcopy(manifest)
@@ -794,12 +807,20 @@ EXAMPLE_CONFIG = {
 EXAMPLE_TPU_TRAIN = {"train": {"cpu": "8", "memory": "64Gi", "tpu_type": "tpu-v5p-slice", "tpu_topology": "2x2x2"}}
 
 
+# The examples' pods are sized for MS MARCO's corpus (8.8M passages, a 3.2 GB corpus.jsonl), as the launcher
+# would size them from the corpus file before prepare ran (DataSize.estimate).
+EXAMPLE_CORPUS_BYTES = 3_200_000_000
+
+
 def render_examples() -> dict[str, str]:
     """``jobs/<stage>.yaml``: every stage of :data:`EXAMPLE_CONFIG` (the default config, with shards and
-    GPUs), ``jobs/train-tpu-multihost.yaml``: training on a v5p 2x2x2 slice (a JobSet), and
-    ``jobs/driver.yaml``: the run's driver Job (``--detach``)."""
+    GPUs) sized for :data:`EXAMPLE_CORPUS_BYTES`, ``jobs/train-tpu-multihost.yaml``: training on a v5p
+    2x2x2 slice (a JobSet), and ``jobs/driver.yaml``: the run's driver Job (``--detach``)."""
     from ..config import PipelineConfig
+    from ..pipeline import DataSize
     from .plan import plan_pipeline
+
+    data = DataSize.estimate(EXAMPLE_CORPUS_BYTES)
 
     config = PipelineConfig.from_dict(EXAMPLE_CONFIG)
     header = (
@@ -810,9 +831,9 @@ def render_examples() -> dict[str, str]:
     def text(job: StageJob) -> str:
         return header + to_yaml([render_stage(job, run_id=EXAMPLE_RUN_ID, namespace=EXAMPLE_NAMESPACE, image=config.image)])
 
-    out = {f"{job.stage}.yaml": text(job) for job in plan_pipeline(config, EXAMPLE_RUN_URI)}
+    out = {f"{job.stage}.yaml": text(job) for job in plan_pipeline(config, EXAMPLE_RUN_URI, data=data)}
     tpu = PipelineConfig.from_dict({**EXAMPLE_CONFIG, "resources": {**EXAMPLE_CONFIG["resources"], **EXAMPLE_TPU_TRAIN}})
-    [train] = [job for job in plan_pipeline(tpu, EXAMPLE_RUN_URI, until="train") if job.stage == "train"]
+    [train] = [job for job in plan_pipeline(tpu, EXAMPLE_RUN_URI, until="train", data=data) if job.stage == "train"]
     out["train-tpu-multihost.yaml"] = text(train)
     from .detach import run_driver_manifest
 

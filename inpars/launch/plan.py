@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import PipelineConfig, ResourcesConfig
-from ..pipeline import Stage, resources_for, stages_for
+from ..pipeline import DataSize, Stage, resources_for, stages_for
 
 SECRET_NAME = "inpars-api-keys"  # the k8s Secret holding API keys and tokens (k8s/secret.template.yaml)
 HF_TOKEN_ENV = "HF_TOKEN"  # the Hugging Face token for gated hub models, by reference like API keys
@@ -34,10 +34,10 @@ def secret_key(var: str) -> str:
     return var.lower().replace("_", "-")
 
 
-def plan_stage(config: PipelineConfig, stage: Stage, run_uri: str, *, max_retries: int = 3) -> StageJob:
-    """One stage of ``config`` as a :class:`StageJob`."""
+def plan_stage(config: PipelineConfig, stage: Stage, run_uri: str, *, max_retries: int = 3, data: DataSize | None = None) -> StageJob:
+    """One stage of ``config`` as a :class:`StageJob`; ``data`` sizes its pod (see :func:`inpars.pipeline.resources_for`)."""
     shards = stage.shards(config)
-    resources = resources_for(config, stage.name)
+    resources = resources_for(config, stage.name, data)
     secret_env = {}
     if stage.name == "generate" and config.generate.backend == "openai":
         var = config.generate.api_key_env
@@ -60,9 +60,51 @@ def plan_stage(config: PipelineConfig, stage: Stage, run_uri: str, *, max_retrie
     )
 
 
-def plan_pipeline(config: PipelineConfig, run_uri: str, *, max_retries: int = 3, until: str | None = None) -> list[StageJob]:
+def plan_pipeline(
+    config: PipelineConfig, run_uri: str, *, max_retries: int = 3, until: str | None = None, data: DataSize | None = None
+) -> list[StageJob]:
     """The stages of ``config`` in dependency order (up to and including ``until``), as :class:`StageJob`s."""
-    return [plan_stage(config, stage, run_uri, max_retries=max_retries) for stage in stages_for(config, until)]
+    return [plan_stage(config, stage, run_uri, max_retries=max_retries, data=data) for stage in stages_for(config, until)]
+
+
+def data_size(run=None, config: PipelineConfig | None = None) -> DataSize | None:
+    """What pods are sized from: the run's prepare record when prepare is committed, else an estimate
+    from the corpus file's size (a local or gs:// file; None when it cannot be looked up cheaply)."""
+    if run is not None:
+        record = run.record("prepare", 0, 1)
+        if record is not None and "store" in record["stats"]:
+            return DataSize.from_prepare_stats(record["stats"])
+        config = run.config
+    if config is None:
+        return None
+    size = corpus_source_bytes(config.data.corpus)
+    return DataSize.estimate(size) if size else None
+
+
+def corpus_source_bytes(source: str) -> int | None:
+    """The size of a corpus source without downloading it (None: unknown, e.g. an ir_datasets id)."""
+    from pathlib import Path
+
+    from ..corpus import resolve_corpus_file
+    from ..datasets import builtin_folder
+    from ..errors import InParsError
+
+    try:
+        if source.startswith("builtin:"):
+            return resolve_corpus_file(builtin_folder(source.split(":", 1)[1])).stat().st_size
+        if source.startswith("gs://"):
+            from ..storage import open_storage
+
+            sizes = open_storage(source.rstrip("/")).sizes("")
+            if not sizes:  # a single object: its folder lists it
+                parent, _, name = source.rpartition("/")
+                return open_storage(parent).sizes(name).get(name)
+            return sizes.get("corpus.jsonl") or sizes.get("corpus.tsv") or sizes.get("corpus.csv") or sum(sizes.values())
+        if source.startswith("irds:"):
+            return None
+        return resolve_corpus_file(Path(source)).stat().st_size
+    except (InParsError, OSError):
+        return None
 
 
 def stage_models(config: PipelineConfig, stage: str) -> list[str]:
