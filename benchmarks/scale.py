@@ -176,6 +176,7 @@ def run_pipeline(corpus: Path, workspace: Path, stub_url: str, *, n_docs: int, n
     seconds = time.perf_counter() - started
     tree = json.loads(rusage.read_text()) if rusage.is_file() else {}
     notes = read_probes(probes)
+    stages = stage_numbers(workspace / "runs" / "scale", notes)
     return {
         "returncode": rc,
         "wall_seconds": round(seconds, 2),
@@ -183,7 +184,8 @@ def run_pipeline(corpus: Path, workspace: Path, stub_url: str, *, n_docs: int, n
         "tree_cpu_seconds": round(tree.get("cpu_seconds", 0.0), 2),
         "settings": settings,
         "log": str(log),
-        "stages": stage_numbers(workspace / "runs" / "scale", notes),
+        "stages": stages,
+        "outside_workers_seconds": round(seconds - sum(s.get("process_seconds") or 0 for s in stages.values()), 2),
         "launcher_peak_rss_mb": round(max((n.get("vm_hwm_kb") or 0 for n in notes.get("launcher", [])), default=0) / 1024, 1),
     }
 
@@ -249,6 +251,7 @@ def stage_numbers(run_dir: Path, probes: dict[str, list[dict]]) -> dict:
             "process_disk_read_bytes": sum(n.get("read_bytes", 0) for n in probes.get(stage, [])),
             "process_peak_rss_mb": round(max((n.get("vm_hwm_kb") or 0 for n in probes.get(stage, [])), default=0) / 1024, 1),
             "process_seconds": round(sum(n.get("lifetime_seconds", 0) for n in probes.get(stage, [])), 2),
+            "process_wall_seconds": process_span(probes.get(stage, [])),
             "process_cpu_seconds": round(sum(n.get("cpu_seconds", 0) for n in probes.get(stage, [])), 2),
             "per_shard": shards,
         }
@@ -256,6 +259,18 @@ def stage_numbers(run_dir: Path, probes: dict[str, list[dict]]) -> dict:
 
 
 # ------------------------------------------------------------------ reporting
+
+
+def process_span(notes: list[dict]) -> float | None:
+    """Seconds from the first process's start to the last one's exit (start-up included, unlike the
+    attempt records, which start once a worker holds its lease)."""
+    spans = [(n["exited_at"] - n["lifetime_seconds"], n["exited_at"]) for n in notes if "exited_at" in n]
+    return round(max(e for _, e in spans) - min(s for s, _ in spans), 2) if spans else None
+
+
+def stage_wall(stage: dict) -> float:
+    """A stage's wall seconds, worker start-up included where the processes' notes say it."""
+    return stage.get("process_wall_seconds") or stage["wall_seconds"]
 
 
 def shard_fixed_seconds(one: dict, four: dict) -> dict:
@@ -286,7 +301,7 @@ def fmt_mb(n: float | None) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| documents | neg. shards | stage | wall s | worker processes s | CPU s | peak RSS MB (largest worker) "
+        "| documents | neg. shards | stage | wall s | worker processes s | CPU s (after lease) | peak RSS MB (largest worker) "
         "| downloaded from workspace MB | read by its processes MB |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -297,7 +312,7 @@ def markdown(result: dict) -> str:
                 continue
             for stage, s in run["stages"].items():
                 lines.append(
-                    f"| {size['documents']:,} | {shards} | {stage} | {s['wall_seconds']:.1f} | {s['process_seconds']:.1f} | {s['cpu_seconds']:.1f} | "
+                    f"| {size['documents']:,} | {shards} | {stage} | {stage_wall(s):.1f} | {s['process_seconds']:.1f} | {s['cpu_seconds']:.1f} | "
                     f"{fmt_mb(s['peak_rss_mb'])} | {s['bytes_read'] / MB:,.1f} | {s['process_read_bytes'] / MB:,.0f} |"
                 )
             lines.append(
@@ -403,12 +418,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                 state = "ok" if run["returncode"] == 0 else f"FAILED (exit {run['returncode']}; see {run['log']})"
                 print(
                     f"  negatives.shards={shards}: {run['wall_seconds']:.1f} s, {run['tree_cpu_seconds']:.1f} CPU s, "
-                    f"largest process {run['tree_max_rss_mb']:,.0f} MB: {state}",
+                    f"largest process {run['tree_max_rss_mb']:,.0f} MB; {run['outside_workers_seconds']:.1f} s outside the workers: {state}",
                     flush=True,
                 )
                 for stage, s in run["stages"].items():
                     print(
-                        f"    {stage:<10} {s['shards']} shard(s): wall {s['wall_seconds']:7.1f} s (processes {s['process_seconds']:7.1f} s)  "
+                        f"    {stage:<10} {s['shards']} shard(s): wall {stage_wall(s):7.1f} s (after the lease {s['wall_seconds']:7.1f} s)  "
                         f"CPU {s['cpu_seconds']:7.1f} s  "
                         f"peak RSS {s['peak_rss_mb']:7,.0f} MB  downloaded {s['bytes_read'] / MB:8,.1f} MB  "
                         f"read by its processes {s['process_read_bytes'] / MB:8,.0f} MB"
@@ -423,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if one["returncode"] == 0 and four["returncode"] == 0:
                 size["ratios"] = {"whole_run": round(four["wall_seconds"] / one["wall_seconds"], 3)}
                 if "negatives" in one["stages"] and "negatives" in four["stages"]:
-                    neg1, neg4 = one["stages"]["negatives"]["wall_seconds"], four["stages"]["negatives"]["wall_seconds"]
+                    neg1, neg4 = stage_wall(one["stages"]["negatives"]), stage_wall(four["stages"]["negatives"])
                     size["ratios"]["negatives"] = round(neg4 / neg1, 3) if neg1 > 0 else None
                 size["fixed_cost"] = shard_fixed_seconds(one, four)
                 print(

@@ -26,7 +26,8 @@ def _note(folder: str) -> None:
             started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
         with open("/proc/stat") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        note["lifetime_seconds"] = round(time.time() - boot - started_ticks / os.sysconf("SC_CLK_TCK"), 3)
+        note["exited_at"] = time.time()
+        note["lifetime_seconds"] = round(note["exited_at"] - boot - started_ticks / os.sysconf("SC_CLK_TCK"), 3)
         cpu = os.times()
         note["cpu_seconds"] = round(cpu.user + cpu.system, 3)
         with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
