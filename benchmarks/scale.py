@@ -404,6 +404,14 @@ def shard_peak_mb(size: dict) -> float | None:
     return max(peaks, default=None)
 
 
+def shard_read_mb(size: dict) -> float | None:
+    """What one negatives shard's process read (files and sockets), in the 4-shard run."""
+    stage = size["runs"].get("4", {}).get("stages", {}).get("negatives")
+    if not stage or not stage.get("process_read_bytes"):
+        return None
+    return stage["process_read_bytes"] / stage["shards"] / MB
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -430,12 +438,20 @@ def target_lines(result: dict) -> list[str]:
             limit = PROCESS_RSS_TARGET_MB.get(n)
             note = f"vs <= {limit} MB: {verdict(process_peak <= limit)}" if limit else "(target: 2048 MB at 300k)"
             lines.append(f"{n:>9,} docs: largest process of the run {process_peak:,.0f} MB {note}")
-    fixed = [(n, s["fixed_cost"]["derived_seconds"]) for n, s in by_size.items() if "derived_seconds" in s.get("fixed_cost", {})]
-    if len(fixed) > 1:
-        (n0, f0), (n1, f1) = fixed[0], fixed[-1]
+    for key, unit in (("derived_seconds", "s"), ("cpu_seconds", "CPU s")):
+        fixed = [(n, s["fixed_cost"][key]) for n, s in by_size.items() if key in s.get("fixed_cost", {})]
+        if len(fixed) > 1:
+            (n0, f0), (n1, f1) = fixed[0], fixed[-1]
+            lines.append(
+                f"negatives fixed cost per shard {f0:.2f} {unit} at {n0:,} -> {f1:.2f} {unit} at {n1:,} docs "
+                f"({f1 / f0 if f0 > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
+            )
+    read = [(n, shard_read_mb(s)) for n, s in by_size.items() if shard_read_mb(s)]
+    if read:
         lines.append(
-            f"negatives fixed cost per shard {f0:.2f} s at {n0:,} -> {f1:.2f} s at {n1:,} docs "
-            f"({f1 / f0 if f0 > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
+            "read by one negatives shard: "
+            + ", ".join(f"{mb:,.0f} MB at {n:,}" for n, mb in read)
+            + " docs (a shard needing only its queries' top-k should read about the same at every size)"
         )
     return lines
 
