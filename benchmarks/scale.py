@@ -263,6 +263,9 @@ def stage_numbers(run_dir: Path, probes: dict[str, list[dict]]) -> dict:
             "process_disk_read_bytes": sum(n.get("read_bytes", 0) for n in probes.get(stage, [])),
             "process_peak_rss_mb": round(max((n.get("vm_hwm_kb") or 0 for n in probes.get(stage, [])), default=0) / 1024, 1),
             "process_seconds": round(sum(n.get("lifetime_seconds", 0) for n in probes.get(stage, [])), 2),
+            # At exit: the largest anonymous RSS (the process's own memory) and mapped-file RSS (page cache).
+            "process_anon_rss_mb_at_exit": round(max((n.get("rss_anon_kb") or 0 for n in probes.get(stage, [])), default=0) / 1024, 1),
+            "process_file_rss_mb_at_exit": round(max((n.get("rss_file_kb") or 0 for n in probes.get(stage, [])), default=0) / 1024, 1),
             "process_wall_seconds": process_span(probes.get(stage, [])),
             "process_cpu_seconds": round(sum(n.get("cpu_seconds", 0) for n in probes.get(stage, [])), 2),
             "per_shard": shards,

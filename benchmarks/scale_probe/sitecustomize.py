@@ -3,7 +3,7 @@
 Only when ``INPARS_SCALE_PROBE_DIR`` is set: at exit, each Python process of the run (the launcher and
 every worker) writes ``<pid>.json`` there with its argv, shard index, the bytes it read (``rchar`` of
 /proc/self/io: every read() call, files and sockets; ``read_bytes``: what came from the disk, not the page
-cache), its peak RSS (``VmHWM``), its lifetime and CPU seconds (start-up and imports included, which a
+cache), its peak RSS (``VmHWM``; at exit, its RSS split into anonymous and mapped-file pages), its lifetime and CPU seconds (start-up and imports included, which a
 worker's attempt record, started once the worker holds its lease, leaves out). A local workspace serves committed files in place, so the workers'
 own ``bytes_read`` (downloads from a remote workspace) is 0 there: these notes say what they really read.
 """
@@ -21,7 +21,11 @@ def _note(folder: str) -> None:
         with open("/proc/self/io") as f:
             note.update({k: int(v) for k, v in (line.split(":") for line in f if line.strip())})
         with open("/proc/self/status") as f:
-            note["vm_hwm_kb"] = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+            status = {line.split(":")[0]: line.split()[1] for line in f if line.startswith(("VmHWM:", "RssAnon:", "RssFile:", "RssShmem:"))}
+        note["vm_hwm_kb"] = int(status["VmHWM"]) if "VmHWM" in status else None
+        # At exit, not at the peak: how much of the RSS is the process's own memory (anonymous) and how much
+        # is mapped files (the memory-mapped store and index: page cache the kernel can take back).
+        note.update({f"{k.lower().replace('rss', 'rss_')}_kb": int(v) for k, v in status.items() if k.startswith("Rss")})
         with open("/proc/self/stat") as f:
             started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
         with open("/proc/stat") as f:
