@@ -67,6 +67,51 @@ TREE_RUSAGE = (
 )
 
 
+# What a worker pays before its first query, each step timed in a fresh process on a prepared run: imports,
+# the verified fetch of the store and index (sha256 of every file: in place on a local workspace), the store
+# open and index load (memory-mapped), then the evaluation queries searched (k=100) one at a time.
+OPEN_COST = """
+import json, resource, sys, time
+def rss():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "RssAnon", "RssFile")))
+    return {k: int(v.split()[0]) // 1024 for k, v in status.items()}
+t = time.perf_counter()
+from inpars.prepare import INDEX_DIR, STORE_DIR, open_prepared
+from inpars.workspace import Run
+out = {"import_seconds": time.perf_counter() - t}
+run = Run.open(sys.argv[1])
+t = time.perf_counter()
+folder = run.fetch("prepare", STORE_DIR).parent
+run.fetch("prepare", INDEX_DIR)
+out["fetch_verify_seconds"] = time.perf_counter() - t
+t = time.perf_counter()
+store, index = open_prepared(folder)
+out["open_seconds"] = time.perf_counter() - t
+out["rss_mb_after_open"] = rss()
+queries = [json.loads(line)["text"] for line in open(sys.argv[2]) if line.strip()]
+t = time.perf_counter()
+for q in queries:
+    index.retrieve([q], k=100)
+out["search_ms_per_query"] = 1000 * (time.perf_counter() - t) / max(len(queries), 1)
+out["rss_mb_after_search"] = rss()
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+"""
+
+
+def measure_open_cost(run_dir: Path, queries: Path, repeats: int = 2) -> list[dict]:
+    """:data:`OPEN_COST` on a prepared run, ``repeats`` times (fresh processes; the first may find a cold
+    page cache)."""
+    out = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", OPEN_COST, str(run_dir), str(queries)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"    open-cost probe failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            break
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def find_scifact(data: str | None) -> Path:
     """``--data``, else ../shared beside this checkout, else beside the main checkout of a git worktree."""
     if data:
@@ -398,7 +443,27 @@ def markdown(result: dict) -> str:
             f"{r.get('whole_run_cpu', nan):.2f}x | {r.get('negatives') or nan:.2f}x | "
             f"{size.get('fixed_cost', {}).get('derived_seconds', nan):.2f} | {fmt_mb(shard_peak_mb(size))} | {fmt_mb(largest)} |"
         )
+    costs = [(size["documents"], warm_open_cost(size)) for size in result["sizes"] if warm_open_cost(size)]
+    if costs:
+        lines += [
+            "",
+            "| documents | worker imports s | fetch + verify store and index s | store open + index load s | search ms/query "
+            "| RSS after open MB (anon / file) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, c in costs:
+            r = c["rss_mb_after_open"]
+            lines.append(
+                f"| {n:,} | {c['import_seconds']:.2f} | {c['fetch_verify_seconds']:.2f} | {c['open_seconds']:.2f} | "
+                f"{c['search_ms_per_query']:.1f} | {r.get('VmRSS', 0)} ({r.get('RssAnon', 0)} / {r.get('RssFile', 0)}) |"
+            )
     return "\n".join(lines)
+
+
+def warm_open_cost(size: dict) -> dict | None:
+    """The fastest of the size's open-cost measurements (the others may have met a cold page cache)."""
+    costs = size.get("open_cost") or []
+    return min(costs, key=lambda c: c["fetch_verify_seconds"] + c["open_seconds"]) if costs else None
 
 
 def shard_peak_mb(size: dict) -> float | None:
@@ -449,6 +514,14 @@ def target_lines(result: dict) -> list[str]:
                 f"negatives fixed cost per shard {f0:.2f} {unit} at {n0:,} -> {f1:.2f} {unit} at {n1:,} docs "
                 f"({f1 / f0 if f0 > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
             )
+    costs = [(n, warm_open_cost(s)) for n, s in by_size.items() if warm_open_cost(s)]
+    if len(costs) > 1:
+        (n0, c0), (n1, c1) = costs[0], costs[-1]
+        for key, what in (("open_seconds", "store open + index load"), ("fetch_verify_seconds", "fetch + verify of the store and index")):
+            lines.append(
+                f"{what}: {c0[key]:.2f} s at {n0:,} -> {c1[key]:.2f} s at {n1:,} docs "
+                f"({c1[key] / c0[key] if c0[key] > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
+            )
     read = [(n, shard_read_mb(s)) for n, s in by_size.items() if shard_read_mb(s)]
     if read:
         lines.append(
@@ -468,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--queries", type=int, default=50, help="evaluation queries written beside each corpus")
     ap.add_argument("--until", default="negatives", help="the last stage run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", default="1,4", help="negatives.shards of the runs side by side (1,4; or 1 alone)")
     ap.add_argument("--keep", action="store_true", help="keep the workspaces (the corpora are always kept, as a cache)")
     ap.add_argument("--out", help="default: benchmarks/results/scale-<sizes>.json")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="measure nothing: summarize saved results (their sizes merged)")
@@ -499,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"== {n:,} documents", flush=True)
             corpus = work / f"corpus-{n}"
             size: dict = {"documents": n, "corpus": build_corpus(scifact, n, corpus, seed=args.seed, n_queries=args.queries), "runs": {}}
-            for shards in (1, 4) if k % 2 == 0 else (4, 1):  # alternate the order: a load drift hits both alike
+            order = [int(x) for x in args.shards.split(",")]
+            for shards in order if k % 2 == 0 else order[::-1]:  # alternate the order: a load drift hits both alike
                 workspace = work / f"ws-{n}-{shards}"
                 run = run_pipeline(
                     corpus,
@@ -533,6 +608,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                     )
                 if run["returncode"] != 0:
                     print("    " + "\n    ".join(Path(run["log"]).read_text(errors="replace").splitlines()[-15:]), flush=True)
+                if run["returncode"] == 0 and "open_cost" not in size:
+                    size["open_cost"] = measure_open_cost(workspace / "runs" / "scale", corpus / "queries.jsonl")
+                    for c in size["open_cost"]:
+                        print(
+                            f"    a worker's fixed cost: imports {c['import_seconds']:.2f} s, fetch+verify {c['fetch_verify_seconds']:.2f} s, "
+                            f"store open + index load {c['open_seconds']:.2f} s (RSS {c['rss_mb_after_open']}); "
+                            f"search {c['search_ms_per_query']:.1f} ms/query (RSS after {c['rss_mb_after_search']})",
+                            flush=True,
+                        )
                 if not args.keep:
                     shutil.rmtree(workspace, ignore_errors=True)
             summarize_size(size)
