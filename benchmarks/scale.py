@@ -380,7 +380,7 @@ def summarize_size(size: dict) -> None:
     size["fixed_cost"] = shard_fixed_seconds(one, four)
     fixed = size["fixed_cost"]
     print(
-        f"  {size['documents']:,} docs, 4/1 shards: whole run {ratios['whole_run']:.2f}x "
+        f"  {label(size)} docs, 4/1 shards: whole run {ratios['whole_run']:.2f}x "
         f"({ratios.get('whole_run_same_upstream', float('nan')):.2f}x with the same upstream stages; CPU "
         f"{ratios.get('whole_run_cpu', float('nan')):.2f}x), negatives {ratios.get('negatives') or float('nan'):.2f}x "
         f"(CPU {ratios.get('negatives_cpu') or float('nan'):.2f}x); negatives fixed cost per shard (derived) "
@@ -421,11 +421,11 @@ def markdown(result: dict) -> str:
                 continue
             for stage, s in run["stages"].items():
                 lines.append(
-                    f"| {size['documents']:,} | {shards} | {stage} | {stage_wall(s):.1f} | {s['process_seconds']:.1f} | {s['cpu_seconds']:.1f} | "
+                    f"| {label(size)} | {shards} | {stage} | {stage_wall(s):.1f} | {s['process_seconds']:.1f} | {s['cpu_seconds']:.1f} | "
                     f"{fmt_mb(s['peak_rss_mb'])} | {s['bytes_read'] / MB:,.1f} | {s['process_read_bytes'] / MB:,.0f} |"
                 )
             lines.append(
-                f"| {size['documents']:,} | {shards} | **whole run** | {run['wall_seconds']:.1f} | | {run['tree_cpu_seconds']:.1f} | "
+                f"| {label(size)} | {shards} | **whole run** | {run['wall_seconds']:.1f} | | {run['tree_cpu_seconds']:.1f} | "
                 f"{fmt_mb(run['tree_max_rss_mb'])} (any process; launcher {fmt_mb(run['launcher_peak_rss_mb'])}) | | |"
             )
     nan = float("nan")
@@ -439,7 +439,7 @@ def markdown(result: dict) -> str:
         r = size.get("ratios", {})
         largest = max((run["tree_max_rss_mb"] for run in size["runs"].values()), default=None)
         lines.append(
-            f"| {size['documents']:,} | {r.get('whole_run', nan):.2f}x | {r.get('whole_run_same_upstream', nan):.2f}x | "
+            f"| {label(size)} | {r.get('whole_run', nan):.2f}x | {r.get('whole_run_same_upstream', nan):.2f}x | "
             f"{r.get('whole_run_cpu', nan):.2f}x | {r.get('negatives') or nan:.2f}x | "
             f"{size.get('fixed_cost', {}).get('derived_seconds', nan):.2f} | {fmt_mb(shard_peak_mb(size))} | {fmt_mb(largest)} |"
         )
@@ -458,6 +458,11 @@ def markdown(result: dict) -> str:
                 f"{c['search_ms_per_query']:.1f} | {r.get('VmRSS', 0)} ({r.get('RssAnon', 0)} / {r.get('RssFile', 0)}) |"
             )
     return "\n".join(lines)
+
+
+def label(size: dict) -> str:
+    """How tables name a size: its documents, and which repeat it is where a size was measured twice."""
+    return size.get("label") or f"{size['documents']:,}"
 
 
 def warm_open_cost(size: dict) -> dict | None:
@@ -487,34 +492,35 @@ def verdict(ok: bool) -> str:
 def target_lines(result: dict) -> list[str]:
     """Issue 12's targets against what was measured (a size without a target is shown for reference)."""
     lines = []
-    by_size = {s["documents"]: s for s in result["sizes"]}
-    for n, size in by_size.items():
+    by_size = [(s["documents"], s) for s in result["sizes"]]
+    for n, size in by_size:
+        name = label(size)
         where = "target size" if n == 300_000 else "reference: the target is at 300k"
         for key, what in (("whole_run", "as measured"), ("whole_run_same_upstream", "same upstream stages")):
             ratio = size.get("ratios", {}).get(key)
             if ratio is not None:
                 lines.append(
-                    f"{n:>9,} docs: 4/1-shard whole run ({what}) {ratio:.2f}x vs <= {RATIO_TARGET}x ({where}): {verdict(ratio <= RATIO_TARGET)}"
+                    f"{name:>13} docs: 4/1-shard whole run ({what}) {ratio:.2f}x vs <= {RATIO_TARGET}x ({where}): {verdict(ratio <= RATIO_TARGET)}"
                 )
         shard_peak = shard_peak_mb(size)
         if shard_peak is not None:
             limit = SHARD_RSS_TARGET_MB.get(n)
             note = f"vs <= {limit} MB: {verdict(shard_peak <= limit)}" if limit else "(targets: 512 MB at 300k, 1024 MB at 1M)"
-            lines.append(f"{n:>9,} docs: negatives/rerank shard worker peak {shard_peak:,.0f} MB {note}")
+            lines.append(f"{name:>13} docs: negatives/rerank shard worker peak {shard_peak:,.0f} MB {note}")
         process_peak = max((run["tree_max_rss_mb"] for run in size["runs"].values()), default=None)
         if process_peak is not None:
             limit = PROCESS_RSS_TARGET_MB.get(n)
             note = f"vs <= {limit} MB: {verdict(process_peak <= limit)}" if limit else "(target: 2048 MB at 300k)"
-            lines.append(f"{n:>9,} docs: largest process of the run {process_peak:,.0f} MB {note}")
+            lines.append(f"{name:>13} docs: largest process of the run {process_peak:,.0f} MB {note}")
     for key, unit in (("derived_seconds", "s"), ("cpu_seconds", "CPU s")):
-        fixed = [(n, s["fixed_cost"][key]) for n, s in by_size.items() if key in s.get("fixed_cost", {})]
+        fixed = [(n, s["fixed_cost"][key]) for n, s in by_size if key in s.get("fixed_cost", {})]
         if len(fixed) > 1:
             (n0, f0), (n1, f1) = fixed[0], fixed[-1]
             lines.append(
                 f"negatives fixed cost per shard {f0:.2f} {unit} at {n0:,} -> {f1:.2f} {unit} at {n1:,} docs "
                 f"({f1 / f0 if f0 > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
             )
-    costs = [(n, warm_open_cost(s)) for n, s in by_size.items() if warm_open_cost(s)]
+    costs = [(n, warm_open_cost(s)) for n, s in by_size if warm_open_cost(s)]
     if len(costs) > 1:
         (n0, c0), (n1, c1) = costs[0], costs[-1]
         for key, what in (("open_seconds", "store open + index load"), ("fetch_verify_seconds", "fetch + verify of the store and index")):
@@ -522,7 +528,7 @@ def target_lines(result: dict) -> list[str]:
                 f"{what}: {c0[key]:.2f} s at {n0:,} -> {c1[key]:.2f} s at {n1:,} docs "
                 f"({c1[key] / c0[key] if c0[key] > 0 else float('nan'):.2f}x for {n1 / n0:.0f}x the documents; target: nearly flat)"
             )
-    read = [(n, shard_read_mb(s)) for n, s in by_size.items() if shard_read_mb(s)]
+    read = [(n, shard_read_mb(s)) for n, s in by_size if shard_read_mb(s)]
     if read:
         lines.append(
             "read by one negatives shard: "
@@ -547,11 +553,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--report", nargs="+", metavar="JSON", help="measure nothing: summarize saved results (their sizes merged)")
     args = ap.parse_args(argv)
     if args.report:
+        # Files of full runs first; a file of shorter runs (--until prepare) only lends its open costs to
+        # the sizes measured in full. A size measured twice is shown twice, numbered.
         merged: dict = {"benchmark": "scale", "sources": args.report, "sizes": []}
-        for path in args.report:
-            saved = json.loads(Path(path).read_text())
-            merged["sizes"] += saved["sizes"]
-            merged.setdefault("runs_of", []).append({"file": path, "commit": saved.get("commit"), "machine": saved.get("machine")})
+        saved = [(path, json.loads(Path(path).read_text())) for path in args.report]
+        saved.sort(key=lambda ps: ps[1].get("settings", {}).get("until", "negatives") != "negatives")
+        for path, data in saved:
+            merged.setdefault("runs_of", []).append({"file": path, "commit": data.get("commit"), "machine": data.get("machine")})
+            full = data.get("settings", {}).get("until", "negatives") == "negatives"
+            for size in data["sizes"]:
+                same = [s for s in merged["sizes"] if s["documents"] == size["documents"]]
+                if not full and same and size.get("open_cost"):
+                    for s in same:
+                        s.setdefault("open_cost", size["open_cost"])
+                    continue
+                if same:
+                    size["label"] = f"{size['documents']:,} ({len(same) + 1})"
+                merged["sizes"].append(size)
         merged["sizes"].sort(key=lambda size: size["documents"])
         return report(merged, args.out)
 
