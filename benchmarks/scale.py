@@ -18,7 +18,9 @@ For each corpus size (default 100k, 300k and 1M documents):
 4. prints the 4-shard/1-shard ratios (whole run, negatives alone), the per-shard fixed cost of negatives
    (derived: the extra worker-process seconds of 4 shards over 1, per extra shard; and each shard's own timing
    notes where the worker writes them), the growth across sizes, the targets of issue 12, and a markdown
-   table; writes JSON.
+   table; writes JSON. A worker's fixed cost is also measured step by step, in fresh processes on the first
+   run's prepared workspace: imports, the verified fetch of the store and index, store open + index load,
+   and the search of the 50 queries (ms per query).
 
     nice -n 10 python benchmarks/scale.py --sizes 100000,300000 [--data DIR] [--work DIR] [--n-docs 2000]
     python benchmarks/scale.py --sizes 5000 --keep        # a quick look; keep the workspaces to inspect them
