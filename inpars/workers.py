@@ -270,8 +270,8 @@ def filter_worker(shard: Shard) -> None:
             summary = filter_stream(
                 open_rows,
                 cfg,
-                write_kept=lambda row: kept.write(dumps_row(row) + "\n"),
-                write_dropped=lambda row: dropped.write(dumps_row(row) + "\n"),
+                write_kept=lambda row: kept.write(dumps_row(row)),
+                write_dropped=lambda row: dropped.write(dumps_row(row)),
                 scorer=scorer,
                 index=index_,
                 docs=docs,

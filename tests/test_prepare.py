@@ -107,3 +107,47 @@ def test_prepare_of_a_corpus_with_bad_lines_names_each_and_commits_nothing(tmp_p
     with pytest.raises(InputError, match=rf"{corpus}:6: document x has empty text"):
         run_stage(run.uri, "prepare", 0)
     assert not run.shard_done("prepare", 0, 1) and run.corpus_pin() is None
+
+
+def test_filter_and_negatives_workers_on_the_prepared_store_give_the_same_triples_for_1_and_3_shards(tmp_path):
+    """The workers' own data path, fast: streamed filter output (one row a line, best first, few-shot ids
+    written once) and negatives shards that each read only their slice of the kept rows."""
+    from inpars.config import PipelineConfig
+    from inpars.corpus import iter_corpus
+    from inpars.workers import FEWSHOT_IDS, run_stage
+    from inpars.workspace import Run, dumps_rows
+
+    rows = []
+    for i, doc in enumerate(list(iter_corpus(SAMPLE))[:20]):
+        words = (doc.title or doc.text).split()[:6]
+        rows.append(
+            {
+                "query": " ".join(reversed(words)),
+                "doc_id": doc.doc_id,
+                "doc_text": doc.contents,
+                "log_probs": [-0.01 * ((7 * i) % 13 + 1)] * len(words),
+                "prompt_text": "",
+                "model": "fake",
+                "prompt": "inpars",
+                "fewshot_examples": [{"query_id": "q-shown", "query": "shown", "doc_id": "d"}],
+                "seed": 0,
+                "query_id": f"{doc.doc_id}-0",
+            }
+        )
+    triples = {}
+    for shards in (1, 3):
+        config = PipelineConfig().override({"filter.keep_fraction": 0.5, "filter.min_query_tokens": 2, "negatives.shards": shards})
+        run = Run.create(str(tmp_path / "ws"), config, f"n{shards}")
+        assert run_stage(run.uri, "prepare", 0) is True
+        run.commit_shard("generate", 0, 1, dumps_rows(rows), stats={"rows": len(rows)})
+        assert run_stage(run.uri, "filter", 0) is True
+        kept_file = (Path(run.uri) / "filter" / "shard-00000-of-00001.jsonl").read_text(encoding="utf-8")
+        assert kept_file.endswith("\n") and "\n\n" not in kept_file  # one row a line
+        kept = [json.loads(line) for line in kept_file.splitlines()]
+        assert len(kept) == 10 and [r["score"] for r in kept] == sorted((r["score"] for r in kept), reverse=True)
+        assert json.loads(run.read_file("filter", FEWSHOT_IDS)) == ["q-shown"]
+        for i in range(shards):
+            assert run_stage(run.uri, "negatives", i) is True
+        triples[shards] = run.read_rows("negatives", shards)
+        assert [t["query_id"] for t in triples[shards]] == [r["query_id"] for r in kept]
+    assert triples[1] == triples[3]
