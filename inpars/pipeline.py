@@ -168,8 +168,15 @@ READS_PREPARED = frozenset({"generate", "filter", "negatives", "train", "rerank"
 GiB = 1 << 30
 
 
-def _gib(nbytes: float) -> int:
-    return max(1, -(-int(nbytes) // GiB))
+MiB = 1 << 20
+
+
+def _quantity(nbytes: float) -> str:
+    """Bytes as a Kubernetes quantity, rounded up: to whole Gi above 4Gi, else to 256Mi."""
+    if nbytes > 4 * GiB:
+        return f"{-(-int(nbytes) // GiB)}Gi"
+    mib = max(256, -(-int(nbytes) // (256 * MiB)) * 256)
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
 def resources_for(config: PipelineConfig, stage: str, data: DataSize | None = None) -> ResourcesConfig:
@@ -201,11 +208,11 @@ def resources_for(config: PipelineConfig, stage: str, data: DataSize | None = No
         disk, extra_memory = room, 0
     changes: dict = {}
     if base.ephemeral_storage is None:
-        changes["ephemeral_storage"] = f"{_gib(disk * 1.1)}Gi"
-    if user is None:
+        changes["ephemeral_storage"] = _quantity(disk * 1.1)
+    if user is None and extra_memory >= 128 * MiB:  # below that, the stage's default has the room
         from kubernetes.utils.quantity import parse_quantity
 
-        changes["memory"] = f"{_gib(float(parse_quantity(base.memory)) + extra_memory)}Gi"
+        changes["memory"] = _quantity(float(parse_quantity(base.memory)) + extra_memory)
     return base.model_copy(update=changes) if changes else base
 
 

@@ -699,3 +699,24 @@ def test_driver_job_at_the_longest_run_ids():
     same = beir_driver_manifest("gs://b/ws/", list(reversed(ids)), namespace="inpars", image="reg/inpars:cpu")
     other = beir_driver_manifest("gs://b/ws", ids[:-1], namespace="inpars", image="reg/inpars:cpu")
     assert same["metadata"]["name"] == beir["metadata"]["name"] != other["metadata"]["name"]
+
+
+def test_pods_are_sized_from_the_prepared_data():
+    from inpars.pipeline import DataSize, resources_for
+
+    config = PipelineConfig()
+    small, large = DataSize(600, 10**6, 10**6, 10**6), DataSize(10_000_000, 4 * 10**9, 4 * 10**9, 3 * 10**9)
+    assert resources_for(config, "negatives", small).memory == "2Gi"  # a few bytes a document: the default has room
+    neg = resources_for(config, "negatives", large)
+    assert neg.memory == "2816Mi" and neg.ephemeral_storage == "10Gi"  # 2Gi + 64 B/doc; 2Gi + store + index, +10%
+    prep = resources_for(config, "prepare", large)
+    assert prep.memory == "7Gi" and prep.ephemeral_storage == "17Gi"  # 4Gi + 256 B/doc; 2Gi + corpus + store + 2x index, +10%
+    assert resources_for(config, "negatives", None) == resources_for(config, "negatives")  # no data: the defaults
+    user = config.override({"resources.negatives.memory": "1Gi"})
+    assert resources_for(user, "negatives", large).memory == "1Gi"  # the user's setting wins
+    assert resources_for(user, "negatives", large).ephemeral_storage == "10Gi"  # unset there: still sized
+    job = next(j for j in plan_pipeline(config, "gs://b/runs/r", data=large) if j.stage == "negatives")
+    m = render_job(job, run_id="r", namespace="n", image="i")
+    assert container(m)["resources"]["limits"]["ephemeral-storage"] == "10Gi"
+    scratch = next(v for v in m["spec"]["template"]["spec"]["volumes"] if v["name"] == "scratch")
+    assert scratch["emptyDir"]["sizeLimit"] == "10Gi"  # the volume the pod writes the store and index to
