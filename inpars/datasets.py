@@ -63,6 +63,35 @@ def source_exists(source: str) -> str | None:
     return None
 
 
+def local_corpus_file(source: str) -> Path | None:
+    """The corpus file of a packaged (``builtin:``) or local source, without fetching anything; None
+    for a remote source (``gs://``, ``irds:``)."""
+    from .corpus import resolve_corpus_file
+
+    if source.startswith(("gs://", "irds:")):
+        return None
+    return resolve_corpus_file(builtin_folder(source.split(":", 1)[1]) if source.startswith("builtin:") else source)
+
+
+def corpus_source_bytes(source: str) -> int | None:
+    """The size of a corpus source without downloading it (None: unknown, e.g. an ir_datasets id)."""
+    from .errors import InParsError
+
+    try:
+        if source.startswith("gs://"):
+            from .storage import open_storage
+
+            sizes = open_storage(source.rstrip("/")).sizes("")
+            if not sizes:  # a single object: its folder lists it
+                parent, _, name = source.rpartition("/")
+                return open_storage(parent).sizes(name).get(name)
+            return sizes.get("corpus.jsonl") or sizes.get("corpus.tsv") or sizes.get("corpus.csv") or sum(sizes.values())
+        file = local_corpus_file(source)
+        return None if file is None else file.stat().st_size
+    except (InParsError, OSError):
+        return None
+
+
 def builtin_folder(name: str) -> Path:
     folder = BUILTIN_DATA / name
     if not folder.is_dir():

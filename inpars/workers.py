@@ -88,12 +88,19 @@ def evaluation_queries(run: Run, exclude: set[str]) -> dict[str, str]:
     return judged_queries(corpus_io.read_queries(queries), corpus_io.read_qrels(qrels), exclude, source=str(queries))
 
 
+def prepared_file(run: Run, kind: str) -> Path | None:
+    """The local path of a small file prepare copied into the run (``kind``: one of
+    :data:`EVALUATION_FILES`), verified; None when the run has none."""
+    name = (run.record("prepare", 0, 1) or {}).get("stats", {}).get("evaluation", {}).get(kind)
+    return run.fetch("prepare", name) if name else None
+
+
 def prepared_evaluation(run: Run) -> tuple[Path, Path]:
     """Local paths of the evaluation queries and qrels that prepare copied into the run."""
-    names = (run.record("prepare", 0, 1) or {}).get("stats", {}).get("evaluation", {})
-    if not names.get("queries") or not names.get("qrels"):
+    queries, qrels = prepared_file(run, "queries"), prepared_file(run, "qrels")
+    if queries is None or qrels is None:
         raise ConfigError("rerank/evaluate need evaluation queries and qrels: set data.queries and data.qrels")
-    return run.fetch("prepare", names["queries"]), run.fetch("prepare", names["qrels"])
+    return queries, qrels
 
 
 # One prepared store and index per worker process (a worker runs one shard; tests run several in one process).
@@ -146,7 +153,7 @@ def prepare_worker(shard: Shard) -> None:
         run.pin_corpus(pin)  # a corpus that changed since the run's first prepare stops here
         files: dict[str, Any] = {p.relative_to(folder).as_posix(): p for p in prepared_files(folder)}
         evaluation = {}
-        for kind, path in (("queries", ds.queries), ("qrels", ds.qrels), ("fewshot", ds.fewshot)):
+        for kind, path in zip(EVALUATION_FILES, (ds.queries, ds.qrels, ds.fewshot)):
             if path is None:
                 continue
             if kind == "queries":
@@ -173,8 +180,8 @@ def generate_worker(shard: Shard) -> None:
     store, _ = prepared(run)
     # The sample as store rows: this shard reads only its own documents, a checkpoint chunk at a time.
     mine = store.documents(take_shard(sample_positions(len(store), cfg.n_docs, cfg.seed), index, count))
-    fewshot = (run.record("prepare", 0, 1) or {}).get("stats", {}).get("evaluation", {}).get("fewshot")
-    prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(run.fetch("prepare", fewshot)) if fewshot else None)
+    fewshot = prepared_file(run, "fewshot")
+    prompt = load_prompt(_prompt_name(run.config), fewshot_file=str(fewshot) if fewshot else None)
     backend = get_backend(cfg.backend, cfg)
     name = shard_name(index, count, "jsonl")
     journal = ledger = None

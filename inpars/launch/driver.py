@@ -180,28 +180,27 @@ def check_pinned_corpus(run: Run) -> None:
     it would mean downloading it on the launcher). Workers read the pinned store, never the source,
     so a changed source cannot mix into a prepared run; this says so before anything is submitted.
     """
-    from ..corpus import resolve_corpus_file
-    from ..datasets import builtin_folder
+    from ..datasets import corpus_source_bytes, local_corpus_file
     from ..files import file_sha256
     from ..workspace import check_same_corpus
-    from .plan import corpus_source_bytes
 
     pinned = run.corpus_pin()
+    if pinned is None:
+        return
     source = run.config.data.corpus
-    if pinned is None or source.startswith("irds:"):
+    try:
+        file = local_corpus_file(source)
+    except InParsError:
+        return  # the source is gone: the workers read only the pinned store, so the run can go on
+    if file is not None:
+        check_same_corpus(pinned, file_sha256(file), str(file))
         return
-    size = corpus_source_bytes(source)
-    if size is None:
-        return
-    if source.startswith("gs://"):
-        if pinned.get("bytes") not in (None, size):
-            raise InParsError(
-                f"the corpus changed: this run was prepared from {source} of {pinned['bytes']} bytes, it now has {size} bytes; "
-                "a run keeps one corpus: restore it, or start a new run for the new corpus"
-            )
-        return
-    file = resolve_corpus_file(builtin_folder(source.split(":", 1)[1]) if source.startswith("builtin:") else source)
-    check_same_corpus(pinned, file_sha256(file), str(file))
+    size = corpus_source_bytes(source)  # gs:// (an irds: id has no size here: nothing to compare)
+    if size is not None and pinned.get("bytes") not in (None, size):
+        raise InParsError(
+            f"the corpus changed: this run was prepared from {source} of {pinned['bytes']} bytes, it now has {size} bytes; "
+            "a run keeps one corpus: restore it, or start a new run for the new corpus"
+        )
 
 
 MAX_REPAIRS = 2  # rounds of "an input was corrupt: redo it" before a failure is reported as it is

@@ -77,34 +77,10 @@ def data_size(run=None, config: PipelineConfig | None = None) -> DataSize | None
         config = run.config
     if config is None:
         return None
+    from ..datasets import corpus_source_bytes
+
     size = corpus_source_bytes(config.data.corpus)
     return DataSize.estimate(size) if size else None
-
-
-def corpus_source_bytes(source: str) -> int | None:
-    """The size of a corpus source without downloading it (None: unknown, e.g. an ir_datasets id)."""
-    from pathlib import Path
-
-    from ..corpus import resolve_corpus_file
-    from ..datasets import builtin_folder
-    from ..errors import InParsError
-
-    try:
-        if source.startswith("builtin:"):
-            return resolve_corpus_file(builtin_folder(source.split(":", 1)[1])).stat().st_size
-        if source.startswith("gs://"):
-            from ..storage import open_storage
-
-            sizes = open_storage(source.rstrip("/")).sizes("")
-            if not sizes:  # a single object: its folder lists it
-                parent, _, name = source.rpartition("/")
-                return open_storage(parent).sizes(name).get(name)
-            return sizes.get("corpus.jsonl") or sizes.get("corpus.tsv") or sizes.get("corpus.csv") or sum(sizes.values())
-        if source.startswith("irds:"):
-            return None
-        return resolve_corpus_file(Path(source)).stat().st_size
-    except (InParsError, OSError):
-        return None
 
 
 def stage_models(config: PipelineConfig, stage: str) -> list[str]:
