@@ -755,7 +755,8 @@ class Run:
             raw = self.storage.read_bytes(key)
         except FileNotFoundError:
             return
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        # unique per call: a shard set aside twice within a second keeps both reasons
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f") + "-" + os.urandom(3).hex()
         aside = f"{stage}/_invalid/{shard_name(index, count, '')[:-1]}.{stamp}.json"
         self.write_bytes(aside, _dumps({"reason": reason, "record": raw.decode("utf-8", "replace")}))
         self.storage.delete(key)
@@ -829,8 +830,12 @@ class Run:
 
 
 def new_attempt_id() -> str:
-    """``20261201T223015-<host>-<pid>``: sortable, unique per process."""
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{socket.gethostname()}-{os.getpid()}"
+    """``20261201T223015.123-<host>-<pid>-<random>``: sortable by start time, unique per call. The random
+    tail matters: two attempts in one process within a millisecond (a retry in-process, a fast shard) must
+    not overwrite each other's record."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
+    return f"{stamp}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 def parse_record(raw: bytes, where: str) -> dict[str, Any]:

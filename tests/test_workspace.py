@@ -199,6 +199,20 @@ def test_two_processes_race_different_content(run, worker_script, tmp_path):
 # ----------------------------------------------------------------------------- files
 
 
+def test_attempts_of_one_process_within_a_second_keep_separate_records(run):
+    # An in-process retry (or a shard that takes under a second) must not overwrite the first record.
+    for outcome in ("failed", "committed", "already committed"):
+        run.record_attempt("train", 0, 1, {"outcome": outcome})
+    attempts = run.attempts("train", 0, 1)
+    assert sorted(a["outcome"] for a in attempts) == ["already committed", "committed", "failed"]
+    assert len({a["attempt"] for a in attempts}) == 3
+    run.invalidate("train", 0, 1, "first")  # no record yet: nothing set aside
+    for reason in ("first", "second"):
+        run.commit_shard("train", 0, 1, b"{}", ext="json")
+        run.invalidate("train", 0, 1, reason)
+    assert len(run.storage.list("train/_invalid/")) == 2
+
+
 def test_files_and_dirs(run, tmp_path):
     assert run.put_file("evaluate", "metrics.json", b"{}") is True
     assert run.put_file("evaluate", "metrics.json", b"{}") is False
