@@ -1,23 +1,26 @@
 """An OpenAI-compatible server on loopback that answers at once, so that a benchmark times the pipeline, not a model.
 
-``POST /v1/completions`` (and ``/v1/chat/completions``) answer with a query made of a few words of the
-prompt's last ``Document:`` (not a contiguous run of them, so the filter does not drop it as a copy), with
-per-token log-probs and usage; which words and log-probs depend only on the prompt, so two runs get the
-same answers. ``GET /v1/models`` lists the model. Tokenizer endpoints answer 404, so the backend counts
+The server is the tests' recording server (``tests/apiserver.py``); this module gives it answers made
+for a corpus: ``POST .../completions`` and ``.../chat/completions`` answer with a query made of a few
+words of the prompt's last ``Document:`` (not a contiguous run of them, so the filter does not drop it
+as a copy), with per-token log-probs and usage; which words and log-probs depend only on the prompt, so
+two runs get the same answers. Other paths (the tokenizer endpoints) answer 404, so the backend counts
 tokens approximately (what it does against OpenAI's own API).
 
-    with OpenAIStub() as stub:
-        ... generate.base_url=stub.url + "/v1" ...
+    with openai_stub() as stub:
+        ... generate.base_url=stub.url + "/v1" ...   # len(stub.requests): the requests served
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from apiserver import ApiServer, Recorded, Reply, completion  # the tests' server
 
 QUERY_WORDS = 6
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]{2,}")
@@ -34,79 +37,19 @@ def stub_query(prompt: str) -> tuple[str, list[float]]:
     return " ".join(picked), [round(-rng.uniform(0.05, 3.0), 4) for _ in picked]
 
 
-def completion(body: dict) -> dict:
-    """An answer in the OpenAI shape (text or chat completion) for a request ``body``."""
-    chat = "messages" in body
-    prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
+def answer_from_document(request: Recorded) -> Reply:
+    """The stub's answer to one request (see the module doc)."""
+    if not request.path.rstrip("/").endswith("completions"):
+        return 404, {}, {"error": {"message": f"no route {request.path}"}}  # /tokenize etc.: approximate tokens
+    body = request.body if isinstance(request.body, dict) else {}
+    prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt", "")
     if isinstance(prompt, list):
         prompt = prompt[0] if prompt else ""
     query, logprobs = stub_query(str(prompt))
-    tokens = [" " + w for w in query.split(" ")]
-    text = " " + query + "\n"
-    usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(tokens), "total_tokens": len(prompt) // 4 + len(tokens)}
-    if chat:
-        content = [{"token": t, "logprob": v, "bytes": None, "top_logprobs": []} for t, v in zip(tokens, logprobs)]
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": {"content": content}, "finish_reason": "stop"}
-        return {"id": "stub", "object": "chat.completion", "created": 0, "model": body.get("model"), "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": text, "logprobs": {"tokens": tokens, "token_logprobs": logprobs}, "finish_reason": "stop"}
-    return {"id": "stub", "object": "text_completion", "created": 0, "model": body.get("model"), "choices": [choice], "usage": usage}
+    # The newline token ends the query; the backend drops it with its log-prob.
+    return 200, {}, completion(body, text=f" {query}\n", logprob=[*logprobs, 0.0], prompt_tokens=len(str(prompt)) // 4)
 
 
-class OpenAIStub:
-    """The server, in a daemon thread of this process; ``url`` is ``http://127.0.0.1:<port>``."""
-
-    def __init__(self, model: str = "stub"):
-        self.model = model
-        self.requests = 0
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))  # loopback only
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> OpenAIStub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _handler(stub: OpenAIStub):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as real servers (every reply has a Content-Length)
-
-        def log_message(self, *args) -> None:  # quiet
-            pass
-
-        def reply(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/v1/models":
-                self.reply(200, {"object": "list", "data": [{"id": stub.model, "object": "model", "owned_by": "stub"}]})
-            else:
-                self.reply(404, {"error": {"message": f"no route {self.path}"}})
-
-        def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path not in ("/v1/completions", "/v1/chat/completions"):
-                self.reply(404, {"error": {"message": f"no route {path}"}})  # /tokenize etc.: approximate tokens
-                return
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                self.reply(400, {"error": {"message": "body is not JSON"}})
-                return
-            with stub.lock:
-                stub.requests += 1
-            self.reply(200, completion(body))
-
-    return Handler
+def openai_stub() -> ApiServer:
+    """The server, not yet started: use it as a context manager; ``url`` is ``http://127.0.0.1:<port>``."""
+    return ApiServer(answer_from_document)

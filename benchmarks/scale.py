@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from common import SCIFACT, machine, scifact_missing, write_results  # this folder (see common.py)
-from openai_stub import OpenAIStub
+from openai_stub import openai_stub
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result["commit"] = commit
     began = time.perf_counter()
-    with OpenAIStub() as stub:
+    with openai_stub() as stub:
         for k, n in enumerate(sizes):
             print(f"== {n:,} documents", flush=True)
             corpus = work / f"corpus-{n}"
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     shutil.rmtree(workspace, ignore_errors=True)
             summarize_size(size)
             result["sizes"].append(size)
-        result["stub_requests"] = stub.requests
+        result["stub_requests"] = len(stub.requests)
     result["total_seconds"] = round(time.perf_counter() - began, 1)
     result["machine"] = machine()
     print(

@@ -121,8 +121,8 @@ def worker_store(out: Path, scifact: Path, n_queries: int, depth: int) -> dict:
     import bm25s  # noqa: F401  (imported by the first index: timed here, apart from opening)
     import pyarrow  # noqa: F401
 
+    import inpars.negatives  # noqa: F401  (timed with the imports, not with mining)
     from inpars.bm25 import load_index
-    from inpars.negatives import mine_negatives, write_triples_tsv
     from inpars.store import DocumentStore
 
     t_import = time.perf_counter() - t0
@@ -133,20 +133,25 @@ def worker_store(out: Path, scifact: Path, n_queries: int, depth: int) -> dict:
     after_open = _memory()
     sample = store.ids_at(list(range(0, len(store), max(1, len(store) // 5000))))
     rows = _rows(sample, scifact, n_queries)
+    opened = {"import_seconds": round(t_import, 2), "open_seconds": round(t_open, 3), "memory_after_open_mb": after_open}
+    return {**opened, **_mine_and_write(rows, index, store, depth)}
+
+
+def _mine_and_write(rows: list[dict], index, texts, depth: int) -> dict:
+    """What both paths do once their data is open: mine negatives, then write the triples (texts by id)."""
+    from inpars.negatives import mine_negatives, write_triples_tsv
+
     t0 = time.perf_counter()
     triples = mine_negatives(rows, index, depth=depth, n_negatives=3, seed=0)
     t_mine = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        n = write_triples_tsv(triples, store, Path(tmp) / "triples.tsv")
+        n = write_triples_tsv(triples, texts, Path(tmp) / "triples.tsv")
     t_fetch = time.perf_counter() - t0
     return {
-        "import_seconds": round(t_import, 2),
-        "open_seconds": round(t_open, 3),
         "mine_seconds": round(t_mine, 2),
         "fetch_seconds": round(t_fetch, 2),
         "triples": n,
-        "memory_after_open_mb": after_open,
         "memory_mb": _memory(),
         "negatives": [t["neg_doc_ids"] for t in triples[:20]],
     }
@@ -191,7 +196,6 @@ class TodaysIndex:
 
 def worker_today(corpus: Path, scifact: Path, n_queries: int, depth: int) -> dict:
     from inpars.corpus import read_corpus
-    from inpars.negatives import mine_negatives, write_triples_tsv
 
     t0 = time.perf_counter()
     docs = read_corpus(corpus)
@@ -200,22 +204,7 @@ def worker_today(corpus: Path, scifact: Path, n_queries: int, depth: int) -> dic
     after_open = _memory()
     all_ids = list(docs)
     rows = _rows(all_ids[:: max(1, len(all_ids) // 5000)], scifact, n_queries)
-    t0 = time.perf_counter()
-    triples = mine_negatives(rows, index, depth=depth, n_negatives=3, seed=0)
-    t_mine = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        n = write_triples_tsv(triples, docs, Path(tmp) / "triples.tsv")
-    t_fetch = time.perf_counter() - t0
-    return {
-        "open_seconds": round(t_open, 1),
-        "mine_seconds": round(t_mine, 2),
-        "fetch_seconds": round(t_fetch, 2),
-        "triples": n,
-        "memory_after_open_mb": after_open,
-        "memory_mb": _memory(),
-        "negatives": [t["neg_doc_ids"] for t in triples[:20]],
-    }
+    return {"open_seconds": round(t_open, 1), "memory_after_open_mb": after_open, **_mine_and_write(rows, index, docs, depth)}
 
 
 def _child(args: argparse.Namespace) -> None:

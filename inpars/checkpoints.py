@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from .files import atomic_write, file_sha256, fsync_file
+from .files import atomic_write, check_files, file_entry, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +46,14 @@ def step_dir_name(step: int) -> str:
 
 def folder_manifest(folder: Path, step: int) -> dict[str, Any]:
     """The manifest of ``folder``'s files (the manifest itself excluded)."""
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(Path(folder).iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
+    files = {p.name: file_entry(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != MANIFEST}
     return {"step": step, "files": files}
 
 
 def verify_folder(folder: Path, manifest: dict[str, Any]) -> str | None:
     """None if every file of ``manifest`` is in ``folder`` with its size and sha256, else what is wrong."""
-    try:
-        files = manifest["files"]
-        for name, meta in files.items():
-            path = Path(folder) / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != meta["bytes"]:
-                return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
-            if file_sha256(path) != meta["sha256"]:
-                return f"{name} does not match its sha256"
-    except (KeyError, TypeError, AttributeError):
-        return "the manifest is malformed"
-    return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return check_files(folder, files) if isinstance(files, dict) else "the manifest is malformed"
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

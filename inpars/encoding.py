@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError
+from .files import read_json
 
 MODEL_TYPES = ("cross-encoder", "monot5", "bi-encoder")
 METADATA_FILE = "inpars_model.json"  # written by inpars.train next to the HF model files
@@ -239,12 +239,7 @@ def read_model_metadata(folder: Path) -> dict[str, Any] | None:
     """The ``inpars_model.json`` that :func:`inpars.train.train_model` writes next to the HF files, or
     ``None`` for any other folder (or a hub id); malformed JSON is an error naming the file."""
     file = folder / METADATA_FILE
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg})", path=str(file)) from None
+    return read_json(file) if file.is_file() else None
 
 
 def guess_model_type(name_or_path: str) -> str:

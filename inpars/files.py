@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from .errors import InputError
 
 TMP_PREFIX = ".tmp-"  # files being written; never listed as workspace files
 
@@ -30,6 +33,37 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_entry(path: str | os.PathLike) -> dict[str, int | str]:
+    """``{"bytes", "sha256"}`` of a file: how manifests (checkpoints, the store, published datasets) list it."""
+    return {"bytes": os.stat(path).st_size, "sha256": file_sha256(path)}
+
+
+def check_files(folder: str | os.PathLike, files: Mapping[str, Mapping]) -> str | None:
+    """None if every ``{name: {"bytes", "sha256"}}`` entry is a file in ``folder`` with that size and
+    sha256 (sizes first: a cheap check before any hashing), else what is wrong with the first that is not."""
+    try:
+        for name, entry in files.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+            if file_sha256(path) != entry["sha256"]:
+                return f"{name} does not match its sha256"
+    except (KeyError, TypeError, AttributeError):
+        return "the manifest is malformed"
+    return None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; malformed JSON (or not UTF-8) is an :class:`~inpars.errors.InputError`
+    naming the file: permanent, since a retry reads the same bytes."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"malformed JSON ({getattr(e, 'msg', None) or e})", path=str(path)) from None
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -154,7 +154,7 @@ def _cheap_reason(row: dict, config: FilterConfig, docs) -> tuple[int, str]:
         return _code("too_short"), norm
     if n > config.max_query_tokens:
         return _code("too_long"), norm
-    if config.drop_copies and norm and f" {norm} " in f" {normalize(_doc_text(row, docs, prefer_corpus=False))} ":
+    if config.drop_copies and is_copied(q, _doc_text(row, docs, prefer_corpus=False)):
         return _code("copied_from_document"), norm
     return 0, norm
 

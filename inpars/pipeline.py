@@ -163,12 +163,22 @@ class DataSize:
         return cls(max(1, corpus_bytes // 500), corpus_bytes, corpus_bytes, corpus_bytes * 3 // 4, estimated=True)
 
 
+MiB, GiB = 1 << 20, 1 << 30
+
 # Stages that map the prepared store and index (their pods download both to /scratch on a gs:// run).
 READS_PREPARED = frozenset({"generate", "filter", "negatives", "train", "rerank"})
-GiB = 1 << 30
 
-
-MiB = 1 << 20
+# Each stage's own scratch room, beyond the prepared data: model weights (HF_HOME), checkpoints, spills.
+STAGE_SCRATCH = {
+    "prepare": 2 * GiB,
+    "generate": 50 * GiB,
+    "filter": 10 * GiB,
+    "negatives": 2 * GiB,
+    "train": 100 * GiB,
+    "rerank": 30 * GiB,
+    "evaluate": 2 * GiB,
+    "publish": 5 * GiB,
+}
 
 
 def _quantity(nbytes: float) -> str:
@@ -214,19 +224,6 @@ def resources_for(config: PipelineConfig, stage: str, data: DataSize | None = No
 
         changes["memory"] = _quantity(float(parse_quantity(base.memory)) + extra_memory)
     return base.model_copy(update=changes) if changes else base
-
-
-# Each stage's own scratch room, beyond the prepared data: model weights (HF_HOME), checkpoints, spills.
-STAGE_SCRATCH = {
-    "prepare": 2 * GiB,
-    "generate": 50 * GiB,
-    "filter": 10 * GiB,
-    "negatives": 2 * GiB,
-    "train": 100 * GiB,
-    "rerank": 30 * GiB,
-    "evaluate": 2 * GiB,
-    "publish": 5 * GiB,
-}
 
 
 def preflight(config: PipelineConfig, *, runs_here: bool = True) -> None:

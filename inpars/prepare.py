@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .bm25 import BM25Index, get_index, load_index, read_index_meta
+from .bm25 import INDEX_META, BM25Index, get_index, load_index, read_index_meta
 from .store import DocumentStore, store_files, write_store_from_corpus
 
 STORE_DIR = "store"
@@ -42,8 +42,8 @@ def prepared_files(folder: str | os.PathLike) -> list[Path]:
     """Every file of a prepared folder, each folder's marker (``store.json``, ``inpars_index.json``) last."""
     folder = Path(folder)
     index = folder / INDEX_DIR
-    index_files = sorted(p for p in index.rglob("*") if p.is_file() and p.name != "inpars_index.json")
-    return [*store_files(folder / STORE_DIR), *index_files, index / "inpars_index.json"]
+    index_files = sorted(p for p in index.rglob("*") if p.is_file() and p.name != INDEX_META)
+    return [*store_files(folder / STORE_DIR), *index_files, index / INDEX_META]
 
 
 def open_prepared(folder: str | os.PathLike, *, verify: bool = False) -> tuple[DocumentStore, BM25Index]:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InParsError
-from .files import file_sha256
+from .files import file_entry, file_sha256
 from .storage import join_key, open_storage, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,6 @@ def _count_triples(path: Path) -> int:
     from .negatives import iter_triples_tsv
 
     return sum(1 for _ in iter_triples_tsv(path))
-
-
-def _file_info(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _score_kind(filter_stats: Mapping | None) -> str:
@@ -382,13 +378,13 @@ def publish_dataset(
                 if generated_tally and name.endswith(GENERATED_FILE)
                 else filtered.rows
             )
-            files[name] = {"rows": count, **_file_info(path)}
+            files[name] = {"rows": count, **file_entry(path)}
 
         facts = generation_facts(manifest, generated_tally or filtered)
         card = _card(dataset, files, filtered, generated_tally, manifest, facts, filter_stats).encode("utf-8")
         (spool / "README.md").write_bytes(card)
         local["README.md"] = spool / "README.md"
-        files["README.md"] = _file_info(spool / "README.md")
+        files["README.md"] = file_entry(spool / "README.md")
 
         published = {
             "dataset": dataset,
@@ -416,7 +412,7 @@ def publish_dataset(
 
 def _upload(storage, local: Mapping[str, Path], on_file: Callable[[str, str], None] | None) -> None:
     """Create each file unless an identical one is there; refuse (before writing anything) if a different one is."""
-    wanted = {name: _file_info(path)["sha256"] for name, path in local.items()}
+    wanted = {name: file_sha256(path) for name, path in local.items()}
     present = set(storage.list(""))
     for name, digest in wanted.items():
         if name in present and sha256_hex(storage.read_bytes(name)) != digest:

@@ -23,6 +23,7 @@ or per id is ever built unless asked for. See docs/DESIGN.md ("Document store") 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import mmap
@@ -36,7 +37,7 @@ import numpy as np
 
 from .corpus import Document, iter_corpus_lines, resolve_corpus_file
 from .errors import InputError
-from .files import atomic_write, file_sha256
+from .files import atomic_write, check_files, file_entry, file_sha256, read_json
 
 FORMAT = "inpars-store/1"
 DOCUMENTS_FILE = "documents.arrow"
@@ -61,19 +62,24 @@ class MappedFile:
     Readers release after every :data:`RELEASE_EVERY` reads, so RSS follows recent reads only.
     """
 
-    def __init__(self, path: str | os.PathLike, *, writable: bool = False):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        with open(self.path, "r+b" if writable else "rb") as f:
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+        with open(self.path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def release(self) -> None:
-        """Drop this process's mappings of the file's pages (written pages stay dirty in the page cache
-        and are written back as usual)."""
+        """Drop this process's mappings of the file's pages."""
         if hasattr(mmap, "MADV_DONTNEED") and not self.map.closed:
             self.map.madvise(mmap.MADV_DONTNEED)
 
+    def close(self) -> None:
+        """Unmap the file, unless arrays over it are still referenced (then it is unmapped with the
+        last of them)."""
+        with contextlib.suppress(BufferError):
+            self.map.close()
+
     def npy(self) -> np.ndarray:
-        """The file as the array of a ``.npy`` file, without copying it (writable if the map is)."""
+        """The file as the (read-only) array of a ``.npy`` file, without copying it."""
         with open(self.path, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -119,8 +125,10 @@ class HashIndex:
         positions: np.ndarray,
         value_at: Callable[[np.ndarray], list[str]],
         hash_fn: Callable[[Sequence[str]], np.ndarray] = hash_strings,
+        maps: Sequence[MappedFile] = (),
     ):
         self.hashes, self.positions, self.value_at, self.hash_fn = hashes, positions, value_at, hash_fn
+        self.maps = list(maps)  # the files the arrays are mapped from (loaded indexes)
 
     @staticmethod
     def sort(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +139,8 @@ class HashIndex:
     @staticmethod
     def save(folder: Path, name: str, sorted_hashes: np.ndarray, positions: np.ndarray) -> list[Path]:
         paths = [folder / f"{name}.hash.npy", folder / f"{name}.row.npy"]
+        for p in paths:  # a new file, never rewritten in place: a reader that has the old one mapped keeps it
+            p.unlink(missing_ok=True)
         np.save(paths[0], sorted_hashes)
         np.save(paths[1], positions)
         return paths
@@ -139,13 +149,16 @@ class HashIndex:
     def load(cls, folder: Path, name: str, value_at: Callable[[np.ndarray], list[str]]) -> HashIndex:
         """Open a saved index memory-mapped (:meth:`release` hands its pages back)."""
         maps = [MappedFile(folder / f"{name}.hash.npy"), MappedFile(folder / f"{name}.row.npy")]
-        index = cls(maps[0].npy(), maps[1].npy(), value_at)
-        index.maps = maps
-        return index
+        return cls(maps[0].npy(), maps[1].npy(), value_at, maps=maps)
 
     def release(self) -> None:
-        for m in getattr(self, "maps", ()):
+        for m in self.maps:
             m.release()
+
+    def close(self) -> None:
+        self.hashes = self.positions = None  # the references into the maps, dropped before unmapping
+        for m in self.maps:
+            m.close()
 
     def lookup_one(self, string: str) -> int:
         """The position of one string, or -1 (no numpy temporaries: the path of ``docs[doc_id]``)."""
@@ -237,6 +250,7 @@ class MappedTable:
         self._batches = []
         self._columns = {}
         self.schema = None  # the last references into the map: it can be closed once they are gone
+        self.file.close()
 
     def release(self) -> None:
         """Hand back this process's mapped pages (see :class:`MappedFile`)."""
@@ -354,6 +368,7 @@ def write_store(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INFO_FILE).unlink(missing_ok=True)
+    (folder / DOCUMENTS_FILE).unlink(missing_ok=True)  # never rewritten in place: a reader may have it mapped
     schema = pa.schema([(name, pa.string()) for name in COLUMNS])
     path = folder / DOCUMENTS_FILE
     hashes: list[np.ndarray] = []
@@ -419,7 +434,7 @@ def write_store(
         finally:
             table.close()
         written += HashIndex.save(folder, "ids", sorted_hashes, positions)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in written}
+        files = {p.name: file_entry(p) for p in written}
         info = StoreInfo(
             documents=n,
             bytes=sum(f["bytes"] for f in files.values()),
@@ -462,12 +477,9 @@ def verify_store(folder: str | os.PathLike) -> StoreInfo:
     """Check every store file's size and sha256 against ``store.json``; an InputError names the file."""
     folder = Path(folder)
     info = _read_info(folder)
-    for name, expected in sorted(info.files.items()):
-        path = folder / name
-        if not path.is_file():
-            raise InputError("store file is missing", path=str(path))
-        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
-            raise InputError("store file does not match the sha256 in store.json (corrupted or replaced?)", path=str(path))
+    problem = check_files(folder, dict(sorted(info.files.items())))
+    if problem is not None:
+        raise InputError(f"store file {problem} (store.json lists it; corrupted or replaced?)", path=str(folder))
     return info
 
 
@@ -475,10 +487,9 @@ def _read_info(folder: Path) -> StoreInfo:
     path = folder / INFO_FILE
     if not path.is_file():
         raise InputError(f"not a document store (no {INFO_FILE}; was it written completely?)", path=str(folder))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed {INFO_FILE} ({e.msg})", path=str(path)) from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise InputError(f"malformed {INFO_FILE} (not a JSON object)", path=str(path))
     return StoreInfo.from_json(data, str(path))
 
 
@@ -513,7 +524,9 @@ class DocumentStore(Mapping[str, Document]):
         return cls(folder, info, MappedTable(path))
 
     def close(self) -> None:
+        """Unmap the store's files (a closed store cannot be read)."""
         self._table.close()
+        self._ids.close()
 
     def release(self) -> None:
         """Hand back the pages of the store's files mapped so far (see :class:`MappedFile`); reads

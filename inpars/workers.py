@@ -254,6 +254,7 @@ def filter_worker(shard: Shard) -> None:
     from .corpus import dumps_row
     from .evaluate import natural_key
     from .filter import filter_stream, load_scorer
+    from .generate import fewshot_query_ids
 
     run = shard.run
     cfg = run.config.filter
@@ -262,13 +263,16 @@ def filter_worker(shard: Shard) -> None:
     if cfg.strategy == "consistency":
         docs, index_ = prepared(run)
     fewshot: set[str] = set()
+    passes = 0
 
     def open_rows():
-        # Read two or three times by the streaming filter; the few-shot ids are collected on the way.
+        # Read two or three times by the streaming filter; the few-shot ids are collected on the first pass.
+        nonlocal passes
+        passes += 1
+        first = passes == 1
         for row in run.iter_rows("generate", n_generate, needed_by="filter"):
-            for example in row.get("fewshot_examples") or []:
-                if example.get("query_id") is not None:
-                    fewshot.add(str(example["query_id"]))
+            if first:
+                fewshot.update(fewshot_query_ids((row,)))
             yield row
 
     with tempfile.TemporaryDirectory(dir=scratch_root()) as tmp:

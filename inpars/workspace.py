@@ -65,6 +65,7 @@ RECORD_KEYS = ("stage", "shard", "count", "files", "rows", "stats")
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Text files are scanned for secrets before they are written; model weights are binary.
 TEXT_SUFFIXES = (".json", ".jsonl", ".tsv", ".csv", ".txt", ".trec", ".md", ".yaml", ".yml", ".log")
+SCAN_BLOCK = 8 << 20  # bytes of whole lines scanned for secrets at a time
 # Installed versions recorded in the manifest (those present; the rest are left out).
 PACKAGES = (
     "torch",
@@ -151,14 +152,20 @@ def mark_verified(path: Path, sha256: str) -> None:
         f.write(_file_identity(path) + "\n")
 
 
-def check_same_corpus(pinned: Mapping[str, Any], sha256: str, where: str) -> None:
-    """The one corpus-changed error: a run's samples, store and index must all come from one corpus."""
-    if pinned.get("sha256") != sha256:
-        raise InputError(
-            f"the corpus changed: this run was prepared from {pinned.get('source')} with sha256 {str(pinned.get('sha256'))[:12]}... "
-            f"({pinned.get('documents')} documents), but {where} has sha256 {sha256[:12]}...; a run keeps one corpus: "
-            "restore it, or start a new run for the new corpus"
-        )
+def check_same_corpus(pinned: Mapping[str, Any], where: str, *, sha256: str | None = None, size: int | None = None) -> None:
+    """The one corpus-changed error: a run's samples, store and index must all come from one corpus.
+    ``where`` is compared by ``sha256``, or by ``size`` alone where hashing would mean downloading it."""
+    if sha256 is not None and pinned.get("sha256") != sha256:
+        found = f"has sha256 {sha256[:12]}..."
+    elif size is not None and pinned.get("bytes") not in (None, size):
+        found = f"has {size} bytes, not {pinned['bytes']}"
+    else:
+        return
+    raise InputError(
+        f"the corpus changed: this run was prepared from {pinned.get('source')} with sha256 {str(pinned.get('sha256'))[:12]}... "
+        f"({pinned.get('documents')} documents), but {where} {found}; a run keeps one corpus: "
+        "restore it, or start a new run for the new corpus"
+    )
 
 
 # ----------------------------------------------------------------------------- run ids, manifest
@@ -388,7 +395,7 @@ class Run:
         pin of another corpus (another sha256) is an :class:`InputError` saying what changed."""
         if not self._create(f"{SECTIONS}/{CORPUS_SECTION}.json", _dumps(dict(pin))):
             pinned = self.corpus_pin() or {}
-            check_same_corpus(pinned, pin["sha256"], pin.get("source", "?"))
+            check_same_corpus(pinned, pin.get("source", "?"), sha256=pin["sha256"])
             return pinned
         return dict(pin)
 
@@ -396,13 +403,24 @@ class Run:
         """Raise :class:`InputError` unless ``sha256`` is the pinned corpus (no pin yet: nothing to check)."""
         pinned = self.corpus_pin()
         if pinned is not None:
-            check_same_corpus(pinned, sha256, where)
+            check_same_corpus(pinned, where, sha256=sha256)
 
     # -------------------------------------------------------------- writing (every payload scanned)
 
     def scan(self, payload: bytes | str, where: str) -> None:
         """Refuse (permanent error naming the variable and the file, never the value) to write a secret."""
         _refuse_secrets(payload, self._secrets, where)
+
+    def _scan_file(self, path: Path, where: str) -> str:
+        """:meth:`scan` a text file a block of whole lines at a time (memory stays flat however large the
+        file; a secret never spans a line), hashing it on the same read; returns its sha256."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while lines := f.readlines(SCAN_BLOCK):
+                block = b"".join(lines)
+                digest.update(block)
+                self.scan(block, where)
+        return digest.hexdigest()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Overwrite ``key`` (uncommitted state only: sections, attempts, summaries), after a secret scan."""
@@ -505,15 +523,15 @@ class Run:
     ) -> tuple[dict[str, Any], bool]:
         """Store one file create-only; ``({bytes, sha256}, whether this call created it)``."""
         key = join_key(stage, name)
+        text = name.endswith(TEXT_SUFFIXES) or "." not in name.rsplit("/", 1)[-1]
         if isinstance(value, bytes):
             size, digest = len(value), sha256_hex(value)
-            if name.endswith(TEXT_SUFFIXES) or "." not in name.rsplit("/", 1)[-1]:
+            if text:
                 self.scan(value, self.storage.uri(key))
             created = self.storage.create_if_absent(key, value)
         else:
-            size, digest = value.stat().st_size, file_sha256(value)
-            if name.endswith(TEXT_SUFFIXES):
-                self.scan(value.read_bytes(), self.storage.uri(key))
+            size = value.stat().st_size
+            digest = self._scan_file(value, self.storage.uri(key)) if text and self._secrets else file_sha256(value)
             created = self.storage.upload_file(key, value)
         entry = {"bytes": size, "sha256": digest}
         if created:

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,16 +31,25 @@ class Recorded:
 Reply = tuple[int, dict[str, str], Any]
 
 
-def completion(body: dict, text: str = " what does aspirin do\nExample 3:", logprob: float = -0.25) -> dict:
-    """An answer in the OpenAI shape for ``body`` (completions or chat), with per-token log-probs."""
+def completion(
+    body: dict,
+    text: str = " what does aspirin do\nExample 3:",
+    logprob: float | Sequence[float] = -0.25,
+    prompt_tokens: int = 7,
+) -> dict:
+    """An answer in the OpenAI shape for ``body`` (completions or chat), with per-token log-probs:
+    ``logprob`` for every token, or one value per token (words and newlines) in order."""
     words = [t for t in text.replace("\n", " \n ").split(" ") if t]
     tokens = [("" if t == "\n" else " ") + t for t in words]
-    usage = {"prompt_tokens": 7, "completion_tokens": len(tokens), "total_tokens": 7 + len(tokens)}
+    values = [logprob] * len(tokens) if isinstance(logprob, (int, float)) else list(logprob)
+    if len(values) != len(tokens):
+        raise ValueError(f"{len(values)} log-probs for {len(tokens)} tokens")
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
     if "messages" in body:
-        content = [{"token": t, "logprob": logprob, "bytes": None, "top_logprobs": []} for t in tokens]
+        content = [{"token": t, "logprob": v, "bytes": None, "top_logprobs": []} for t, v in zip(tokens, values)]
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": {"content": content}, "finish_reason": "stop"}
         return {"id": "c", "object": "chat.completion", "created": 0, "model": body.get("model"), "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": text, "logprobs": {"tokens": tokens, "token_logprobs": [logprob] * len(tokens)}, "finish_reason": "stop"}
+    choice = {"index": 0, "text": text, "logprobs": {"tokens": tokens, "token_logprobs": values}, "finish_reason": "stop"}
     return {"id": "c", "object": "text_completion", "created": 0, "model": body.get("model"), "choices": [choice], "usage": usage}
 
 

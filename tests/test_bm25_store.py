@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import Stemmer
 
-from inpars.bm25 import BM25sIndex, build_index, load_index
+from inpars.bm25 import BM25sIndex, load_index
 from inpars.bm25 import bm25s_index as engine
-from inpars.corpus import Document, read_corpus, read_queries
+from inpars.corpus import Document, read_queries
 from inpars.errors import ConfigError, InputError
 from inpars.store import DocumentStore, write_store, write_store_from_corpus
 
@@ -20,15 +20,10 @@ SAMPLE = Path(__file__).resolve().parents[1] / "inpars" / "data" / "scifact-samp
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return read_corpus(SAMPLE)
-
-
-@pytest.fixture(scope="module")
-def queries(corpus):
+def queries(docs):
     # The sample's queries, document titles (easy hits) and a query with no indexed term.
     qs = dict(read_queries(SAMPLE))
-    qs.update({f"t{i}": d.title for i, d in enumerate(list(corpus.values())[:40])})
+    qs.update({f"t{i}": d.title for i, d in enumerate(list(docs.values())[:40])})
     qs["oov"] = "zyxwvut qqqqq"
     qs["stop"] = "the of and"
     return qs
@@ -48,13 +43,13 @@ def saved(store, tmp_path_factory) -> Path:
     return folder
 
 
-def test_scores_are_bm25s_own_bit_for_bit(corpus, queries):
+def test_scores_are_bm25s_own_bit_for_bit(docs, queries):
     """The streamed builder writes the matrix that bm25s.BM25.index builds (same floats, same top k)."""
-    docs = list(corpus.values())
-    ours = BM25sIndex(n_threads=0).build(docs)
+    documents = list(docs.values())
+    ours = BM25sIndex(n_threads=0).build(documents)
     ref = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
     ref.index(
-        bm25s.tokenize([d.contents for d in docs], stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False),
+        bm25s.tokenize([d.contents for d in documents], stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False),
         show_progress=False,
     )
     texts = [q for q in queries.values()]
@@ -73,8 +68,8 @@ def test_scores_are_bm25s_own_bit_for_bit(corpus, queries):
     assert np.array_equal(got_rows, want.documents) and np.array_equal(got_scores, want.scores)
 
 
-def test_store_index_equals_list_index_and_loaded_equals_fresh(corpus, queries, store, saved):
-    fresh = build_index(corpus)  # today's path: the corpus dict in memory
+def test_store_index_equals_list_index_and_loaded_equals_fresh(docs, index, queries, store, saved):
+    fresh = index  # conftest's build_index(docs): the corpus dict in memory
     over_store = BM25sIndex(n_threads=2).build(store)
     loaded = load_index(saved, store=store)
     assert isinstance(loaded, BM25sIndex) and loaded.store is store
@@ -84,8 +79,8 @@ def test_store_index_equals_list_index_and_loaded_equals_fresh(corpus, queries, 
         assert loaded.search(queries, k) == want
     run = loaded.search(queries, 10)
     assert run["oov"] == {} and run["stop"] == {}  # no indexed term: an empty ranking
-    assert len(loaded) == len(corpus) and list(loaded.doc_ids) == list(corpus) and loaded.doc_ids[-1] == list(corpus)[-1]
-    first = next(iter(corpus))
+    assert len(loaded) == len(docs) and list(loaded.doc_ids) == list(docs) and loaded.doc_ids[-1] == list(docs)[-1]
+    first = next(iter(docs))
     assert first in loaded and "no-such-doc" not in loaded
 
 
@@ -134,8 +129,8 @@ def test_documents_without_an_indexable_word_are_indexed_empty(tmp_path, monkeyp
     assert len(index) == 4 and index.search({"q": "dogs cats"}, 4)["q"].keys() == {"a", "d"}
 
 
-def test_save_copies_a_built_index(corpus, queries, tmp_path):
-    built = BM25sIndex().build(list(corpus.values()))
+def test_save_copies_a_built_index(docs, queries, tmp_path):
+    built = BM25sIndex().build(list(docs.values()))
     built.save(tmp_path / "copy")
     loaded = load_index(tmp_path / "copy")
     assert loaded.search(queries, 5) == built.search(queries, 5)
@@ -145,3 +140,49 @@ def test_save_copies_a_built_index(corpus, queries, tmp_path):
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="bm25l"):
         BM25sIndex(method="bm25l")
+
+
+REBUILD_WHILE_MAPPED = """
+import sys
+from pathlib import Path
+from inpars.bm25 import BM25sIndex, load_index
+from inpars.corpus import Document
+from inpars.store import DocumentStore, write_store
+
+root = Path(sys.argv[1])
+old_docs = [Document(f"d{i}", "", f"aspirin trial number {i} " + "word " * (i % 7)) for i in range(300)]
+write_store(old_docs, root / "store")
+store = DocumentStore.open(root / "store")
+BM25sIndex(directory=root / "bm25", n_threads=1).build(store)
+index = load_index(root / "bm25", store=store)
+before = index.search({"q": "aspirin trial 7"}, 5)
+# Another writer rebuilds both folders in place (a redone prepare, a user's rebuild) while these are mapped.
+write_store([Document("x", "", "another corpus entirely")], root / "store")
+BM25sIndex(directory=root / "bm25", n_threads=1).build(DocumentStore.open(root / "store"))
+BM25sIndex(n_threads=1).build([Document("y", "", "a third corpus")]).save(root / "bm25")
+assert index.search({"q": "aspirin trial 7"}, 5) == before  # the old maps still read the old files
+assert store["d7"].text.startswith("aspirin trial number 7")
+print("ok")
+"""
+
+
+def test_rebuilding_a_mapped_store_and_index_in_place_leaves_their_readers_intact(tmp_path):
+    # A file rewritten in place under a live memory map faults its reader (SIGBUS): writers make new files.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REBUILD_WHILE_MAPPED, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_corrupt_index_marker_is_a_permanent_input_error(saved, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    (copy / "inpars_index.json").write_text('{"backend": "bm25s", "k1": ')  # cut short
+    with pytest.raises(InputError, match=r"inpars_index\.json.*malformed JSON"):
+        load_index(copy)
+    (copy / "inpars_index.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"not a JSON object"):
+        load_index(copy)

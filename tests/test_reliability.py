@@ -248,3 +248,25 @@ def test_secrets_never_reach_the_workspace(tmp_path, monkeypatch):
         run.update_manifest("notes", {"text": key})
     with pytest.raises(InParsError, match=r"\$OPENAI_API_KEY"):
         run.checkpoint("generate", 0, 1).save(0, [row], start=0, items=1)
+
+
+def test_a_committed_file_is_scanned_block_by_block_and_hashed_on_the_same_read(tmp_path, monkeypatch):
+    # A file output (the filter's kept rows: gigabytes at a million rows) is scanned whole lines at a
+    # time, so a secret deep in it is still refused while memory stays one block.
+    import inpars.workspace as workspace_module
+    from inpars.files import file_sha256
+
+    key = "sk-live-0123456789abcdefghij"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setattr(workspace_module, "SCAN_BLOCK", 64)
+    run = Run.create(tmp_path / "ws", PipelineConfig(), run_id="secret-file")
+    clean = [{"query_id": f"q{i}", "query": f"query number {i}", "doc_id": f"d{i}"} for i in range(200)]
+    leaky = tmp_path / "kept.jsonl"
+    leaky.write_bytes(dumps_rows([*clean, {"query_id": "q-last", "query": f"echo {key}", "doc_id": "d0"}]))
+    with pytest.raises(InParsError, match=r"\$OPENAI_API_KEY") as err:
+        run.commit_shard("filter", 0, 1, leaky)
+    assert key not in str(err.value) and not run.storage.exists("filter/shard-00000-of-00001.jsonl")
+    fine = tmp_path / "fine.jsonl"
+    fine.write_bytes(dumps_rows(clean))
+    assert run.commit_shard("filter", 0, 1, fine) is True
+    assert run.record("filter", 0, 1)["files"]["shard-00000-of-00001.jsonl"]["sha256"] == file_sha256(fine)

@@ -126,6 +126,29 @@ def test_local_path_and_fetch(root_uri, tmp_path, monkeypatch):
         assert s.local_path("data/beir/corpus.jsonl").read_bytes() == b"new\n"
 
 
+def test_gcs_object_replaced_during_every_download_caches_nothing(gcs_uri, tmp_path, monkeypatch):
+    from google.api_core import exceptions
+    from google.cloud.storage import Blob
+
+    from inpars.errors import TransientError
+
+    monkeypatch.setenv("INPARS_CACHE", str(tmp_path / "cache"))
+    s = open_storage(gcs_uri)
+    s.write_bytes("data/corpus.jsonl", b'{"_id": "d1", "text": "t"}\n')
+
+    def replaced_meanwhile(blob, f, **kwargs):
+        f.write(b'{"_id": "d1", "te')  # part of it, then the generation changed under the download
+        raise exceptions.PreconditionFailed("generation changed")
+
+    monkeypatch.setattr(Blob, "download_to_file", replaced_meanwhile)
+    with pytest.raises(TransientError, match="replaced during each of 3 downloads"):
+        s.local_path("data/corpus.jsonl")
+    monkeypatch.undo()
+    monkeypatch.setenv("INPARS_CACHE", str(tmp_path / "cache"))
+    # nothing partial was cached: the next download gets the whole object
+    assert s.local_path("data/corpus.jsonl").read_bytes() == b'{"_id": "d1", "text": "t"}\n'
+
+
 def test_gcs_missing_bucket_is_permanent(gcs_emulator):
     from inpars.errors import InParsError
 

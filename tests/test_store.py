@@ -147,6 +147,32 @@ def test_hash_collisions_are_resolved_by_the_stored_strings():
     assert find_duplicate(*HashIndex.sort(np.zeros(4, dtype=np.uint64)), lambda rows: [strings[r] for r in rows]) is None
 
 
+def test_closing_a_store_and_an_index_unmaps_their_files(tmp_path):
+    import os
+
+    from inpars.bm25 import BM25sIndex, load_index
+
+    def mapped(folder: Path) -> set[str]:  # this process's memory maps of files in ``folder`` (deleted ones too)
+        with open("/proc/self/maps") as f:
+            return {line.split(maxsplit=5)[5].strip() for line in f if str(folder) in line}
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    write_store(synthetic(500), tmp_path / "store")
+    store = DocumentStore.open(tmp_path / "store")
+    assert store[store.ids(0, 1)[0]].text and store.row_of(store.ids(0, 1)[0]) == 0
+    assert mapped(tmp_path / "store") == {str(tmp_path / "store" / n) for n in ("documents.arrow", "ids.hash.npy", "ids.row.npy")}
+    store.close()
+    assert mapped(tmp_path / "store") == set()
+    store = DocumentStore.open(tmp_path / "store")
+    BM25sIndex(directory=tmp_path / "bm25", n_threads=1).build(store)
+    index = load_index(tmp_path / "bm25", store=store)
+    assert index.search({"q": store.document(3).text}, 3) and len(mapped(tmp_path / "bm25")) == 6
+    index.build(store)  # a rebuild closes what the index had mapped before it writes anew
+    assert len(mapped(tmp_path / "bm25")) == 6 and not any("(deleted)" in m for m in mapped(tmp_path / "bm25"))
+    assert os.path.exists(tmp_path / "bm25" / "inpars_index.json")
+
+
 def test_verify_finds_a_changed_file(tmp_path):
     write_store(synthetic(50), tmp_path)
     verify_store(tmp_path)

@@ -59,9 +59,7 @@ def load_index(directory: str | os.PathLike, *, store=None, **settings) -> BM25I
     cls = BACKENDS.get(backend)
     if cls is None:
         raise InputError(f"saved index has unknown backend {backend!r}", path=str(directory))
-    if cls is BM25sIndex:
-        return cls.load(directory, store=store, **settings)
-    return cls.load(directory, **settings)
+    return cls.load(directory, store=store, **settings)
 
 
 __all__ = [

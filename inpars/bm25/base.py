@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..corpus import Document
 from ..errors import InputError
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from ..runs import Run
 
 INDEX_META = "inpars_index.json"  # names the engine, so load_index() can dispatch; written last
@@ -45,8 +45,9 @@ class BM25Index(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: str | os.PathLike) -> BM25Index:
-        """Read an index written by :meth:`save`."""
+    def load(cls, directory: str | os.PathLike, *, store=None) -> BM25Index:
+        """Read an index written by :meth:`save`; ``store``: the :class:`~inpars.store.DocumentStore`
+        it was built over, for engines whose hits are store rows (others ignore it)."""
 
     @property
     @abstractmethod
@@ -81,7 +82,10 @@ def read_index_meta(directory: str | os.PathLike) -> dict:
     path = Path(directory) / INDEX_META
     if not path.exists():
         raise InputError(f"not a saved BM25 index (no {INDEX_META})", path=str(directory))
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise InputError(f"malformed {INDEX_META} (not a JSON object)", path=str(path))
+    return meta
 
 
 def write_index_meta(directory: str | os.PathLike, meta: dict) -> None:

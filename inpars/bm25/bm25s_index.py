@@ -49,13 +49,15 @@ import numpy as np
 from ..corpus import Document
 from ..errors import ConfigError, InputError
 from ..store import DocumentStore, HashIndex, MappedFile, MappedTable, hash_strings
-from .base import BM25Index, Run, check_documents, read_index_meta, write_index_meta
+from .base import INDEX_META, BM25Index, Run, check_documents, read_index_meta, write_index_meta
 
 FORMAT = "inpars-bm25s/2"
 CHUNK_DOCS = 8192  # documents tokenized at a time while building
 RELEASE_QUERIES = 8  # queries scored between two releases of the score matrix's mapped pages
 RANGE_POSTINGS = 2_000_000  # postings merged at a time while building (~60 MB of temporaries)
 SCORE_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
+# Every file of a built index but the marker (and doc_ids.json, written for an index over documents).
+INDEX_FILES = (*SCORE_FILES, "params.index.json", "vocab.index.json", "vocab.arrow", "vocab.hash.npy", "vocab.row.npy")
 METHODS = ("lucene", "robertson", "atire")  # bm25s's variants without a non-occurrence array
 
 
@@ -194,7 +196,10 @@ class BM25sIndex(BM25Index):
         else:
             folder = self.directory
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "inpars_index.json").unlink(missing_ok=True)
+            # The marker first (a crash leaves no complete-looking index), then the files a reader may
+            # have mapped: new files, never rewritten in place (an open map of a truncated file faults).
+            for name in (INDEX_META, *INDEX_FILES, "doc_ids.json"):
+                (folder / name).unlink(missing_ok=True)
         self.stats = self._build_files(stream, folder)
         self._store, self._ids = store, ids
         self._write_meta(folder)
@@ -359,19 +364,21 @@ class BM25sIndex(BM25Index):
         self._folder = folder
 
     def _close(self) -> None:
-        if self._vocab_table is not None:
+        self._scores = None  # the references into the score maps, dropped before unmapping
+        for m in self._maps:
+            m.close()
+        if self._vocab is not None:
+            self._vocab.close()
             self._vocab_table.close()
-        self._scores = self._vocab = self._vocab_table = None
+        self._vocab = self._vocab_table = None
         self._maps = []
 
     def files(self) -> list[Path]:
-        """The files of the built index (what :meth:`save` copies), ``inpars_index.json`` last."""
+        """The files of the built index (what :meth:`save` copies), :data:`INDEX_META` last."""
         if self._scores is None:
             raise ConfigError("the BM25 index is empty: call build() or load() first")
-        names = [*SCORE_FILES, "params.index.json", "vocab.index.json", "vocab.arrow", "vocab.hash.npy", "vocab.row.npy"]
-        if self._store is None:
-            names.append("doc_ids.json")
-        return [self._folder / n for n in names] + [self._folder / "inpars_index.json"]
+        names = [*INDEX_FILES, *(["doc_ids.json"] if self._store is None else [])]
+        return [self._folder / n for n in names] + [self._folder / INDEX_META]
 
     def save(self, directory: str | os.PathLike) -> None:
         if self._scores is None:
@@ -380,8 +387,9 @@ class BM25sIndex(BM25Index):
         if target.exists() and target.resolve() == self._folder.resolve():
             return
         target.mkdir(parents=True, exist_ok=True)
-        (target / "inpars_index.json").unlink(missing_ok=True)
+        (target / INDEX_META).unlink(missing_ok=True)
         for path in self.files():
+            (target / path.name).unlink(missing_ok=True)  # a new file: a reader may have the old one mapped
             shutil.copyfile(path, target / path.name)
 
     @classmethod

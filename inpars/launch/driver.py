@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import EXIT_PERMANENT, InParsError, TransientError
 from ..leases import Lease, ShardBusy
 from ..pipeline import stages_for
-from .plan import StageJob, data_size, plan_stage
+from .plan import StageJob, data_size, plan_pipeline, plan_stage
 
 if TYPE_CHECKING:
     from ..workspace import Run
@@ -113,8 +113,7 @@ class StageOutcome:
 
 def plan_run(run: Run, *, until: str | None = None, max_retries: int = 3) -> list[StageJob]:
     """The run's stages as jobs, planned now (from the run's current settings)."""
-    data = data_size(run)
-    return [plan_stage(run.config, stage, run.uri, max_retries=max_retries, data=data) for stage in stages_for(run.config, until)]
+    return plan_pipeline(run.config, run.uri, max_retries=max_retries, until=until, data=data_size(run))
 
 
 def drive(
@@ -176,13 +175,14 @@ def drive(
 def check_pinned_corpus(run: Run) -> None:
     """Stop a resume whose corpus source is no longer the corpus the run was prepared from.
 
-    A local (or packaged) corpus is compared by sha256 (about 2 s a GB); a gs:// one by size only (hashing
+    A local (or packaged) corpus is compared by sha256 (about 2 s a GB, once per machine until the file
+    changes: :func:`~inpars.workspace.verified_before`); a gs:// one by size only (hashing
     it would mean downloading it on the launcher). Workers read the pinned store, never the source,
     so a changed source cannot mix into a prepared run; this says so before anything is submitted.
     """
     from ..datasets import corpus_source_bytes, local_corpus_file
     from ..files import file_sha256
-    from ..workspace import check_same_corpus
+    from ..workspace import check_same_corpus, mark_verified, verified_before
 
     pinned = run.corpus_pin()
     if pinned is None:
@@ -193,14 +193,12 @@ def check_pinned_corpus(run: Run) -> None:
     except InParsError:
         return  # the source is gone: the workers read only the pinned store, so the run can go on
     if file is not None:
-        check_same_corpus(pinned, file_sha256(file), str(file))
+        if not verified_before(file, pinned["sha256"]):  # hashed once per machine, again once it changed
+            check_same_corpus(pinned, str(file), sha256=file_sha256(file))
+            mark_verified(file, pinned["sha256"])
         return
-    size = corpus_source_bytes(source)  # gs:// (an irds: id has no size here: nothing to compare)
-    if size is not None and pinned.get("bytes") not in (None, size):
-        raise InParsError(
-            f"the corpus changed: this run was prepared from {source} of {pinned['bytes']} bytes, it now has {size} bytes; "
-            "a run keeps one corpus: restore it, or start a new run for the new corpus"
-        )
+    # gs:// (an irds: id has no size here: nothing to compare)
+    check_same_corpus(pinned, source, size=corpus_source_bytes(source))
 
 
 MAX_REPAIRS = 2  # rounds of "an input was corrupt: redo it" before a failure is reported as it is

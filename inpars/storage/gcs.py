@@ -220,6 +220,8 @@ class GCSStorage(Storage):
                         blob = self.bucket.get_blob(name, retry=self.retry)
                         if blob is None:
                             raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+                else:  # never one whole generation: keep nothing (a partial file would be cached for good)
+                    raise TransientError(f"{self.uri(key)} was replaced during each of 3 downloads; retry later")
         with atomic_write(stamp, "wb") as f:
             f.write(str(blob.generation).encode())
         return target
